@@ -1,0 +1,436 @@
+"""Talking to the control plane: discovery, auto-start, jobs over the wire, management over HTTP.
+
+Discovery: ``FLASH_JUPYTER_URL`` (+ ``FLASH_JUPYTER_TOKEN``) names a control plane; without
+them the client uses the machine-local one found through the runtime file in the data dir,
+and starts it (detached, shared by every kernel and script of the user) when none runs.
+
+Jobs travel on one persistent binary connection (see ``protocol``): a call is one frame
+out and one frame back through the control plane, with output frames streaming meanwhile.
+A job's payload is kept until its result arrives, so a control plane restart loses
+nothing: after reconnecting, the client asks for its jobs back and resubmits any the
+control plane never recorded.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import itertools
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from . import errors, paths, shm, wire
+from .protocol import SyncConnection, pid_alive
+
+START_TIMEOUT = 30.0
+
+
+# ---------------------------------------------------------------- discovery
+
+
+def _http_get_json(url: str, token: str, timeout: float = 5.0) -> Any:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        if e.code == 401:
+            raise errors.AuthError(f"{url}: 401 Unauthorized (check FLASH_JUPYTER_TOKEN)") from None
+        raise errors.ControlPlaneError(f"{url}: HTTP {e.code}") from None
+    except OSError as e:
+        raise errors.ControlPlaneError(f"cannot reach the control plane at {url}: {e}") from None
+
+
+def _try_connect(info: dict[str, Any]) -> SyncConnection | None:
+    try:
+        return SyncConnection.open(info["wire_host"], int(info["wire_port"]), timeout=2.0)
+    except OSError:
+        return None
+
+
+def start_local(data_dir: Path | None = None, extra_args: list[str] = ()) -> dict[str, Any]:
+    """Start the machine-local control plane, detached, unless one already runs."""
+    data_dir = paths.ensure_private_dir(Path(data_dir or paths.home()))
+    with open(data_dir / "start.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        info = paths.read_runtime(data_dir)
+        if info and pid_alive(int(info.get("pid", 0))):
+            conn = _try_connect(info)
+            if conn is not None:
+                conn.close()
+                return info
+        log = open(data_dir / "server.log", "ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flash_jupyter.server", "--data-dir", str(data_dir),
+             *extra_args],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+            close_fds=True,
+        )  # fmt: skip
+        log.close()
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            info = paths.read_runtime(data_dir)
+            if info and info.get("pid") == proc.pid:
+                return info
+            if proc.poll() is not None:
+                raise errors.ControlPlaneError(
+                    f"the control plane exited at start (code {proc.returncode}); "
+                    f"see {data_dir / 'server.log'}"
+                )
+            time.sleep(0.002)
+        raise errors.ControlPlaneError(f"the control plane did not start in {START_TIMEOUT:g} s")
+
+
+def discover(autostart: bool = True) -> dict[str, Any]:
+    """Connection details of the control plane this process should use."""
+    url = os.environ.get("FLASH_JUPYTER_URL")
+    if url:
+        token = os.environ.get("FLASH_JUPYTER_TOKEN", "")
+        info = _http_get_json(url.rstrip("/") + "/v1/info", token)
+        host = urlparse(url).hostname or "127.0.0.1"
+        return {**info, "url": url.rstrip("/"), "token": token, "wire_host": host}
+    info = paths.read_runtime()
+    if info and pid_alive(int(info.get("pid", 0))):
+        return info
+    if not autostart:
+        raise errors.ControlPlaneError("no control plane is running (flash-jupyter serve)")
+    return start_local()
+
+
+# ---------------------------------------------------------------- jobs
+
+
+class JobState:
+    """Client-side record of one submitted job."""
+
+    __slots__ = ("id", "endpoint", "frame", "events", "outcome", "done", "callbacks", "sink")
+
+    def __init__(self, job_id: str, endpoint: str, frame: tuple[dict, list]):
+        self.id = job_id
+        self.endpoint = endpoint
+        self.frame: tuple[dict, list] | None = frame  # kept for resubmission until done
+        self.events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self.outcome: dict[str, Any] | None = None
+        self.done = threading.Event()
+        self.callbacks: list[Any] = []
+        self.sink: Any = None  # where output goes when nobody waits (None: the queue)
+
+
+class Client:
+    """One connection to a control plane, shared by everything in this process."""
+
+    def __init__(self, info: dict[str, Any] | None = None):
+        self._info = info
+        self.conn: SyncConnection | None = None
+        self.welcome: dict[str, Any] = {}
+        self.jobs: dict[str, JobState] = {}
+        self.replies: dict[int, tuple[threading.Event, list]] = {}
+        self._rid = itertools.count(1)
+        self._lock = threading.RLock()
+        self._sent_fns: set[str] = set()
+        self.deployed: dict[str, tuple[str, dict]] = {}  # name -> (config hash, answer)
+        self._http: Any = None
+        self.spool: str | None = None
+        self._closed = False
+        self._connect()
+
+    # -- connection
+    def _connect(self) -> None:
+        info = self._info or discover()
+        conn = _try_connect(info)
+        if conn is None and not os.environ.get("FLASH_JUPYTER_URL") and self._info is None:
+            info = start_local()
+            conn = _try_connect(info)
+        if conn is None:
+            raise errors.ControlPlaneError(
+                f"cannot connect to the control plane at {info.get('wire_host')}:"
+                f"{info.get('wire_port')}"
+            )
+        conn.send({"role": "client", "token": info.get("token", ""), "stamp": wire.stamp(),
+                   "pid": os.getpid()}, hello=True)  # fmt: skip
+        meta, _ = conn.recv()
+        if meta.get("op") == "error":
+            conn.close()
+            if meta.get("status") == 401:
+                raise errors.AuthError(meta.get("message", "401 Unauthorized"))
+            raise errors.ControlPlaneError(meta.get("message", "refused"))
+        self.info, self.conn, self.welcome = info, conn, meta
+        spool = meta.get("spool")
+        same_host = meta.get("boot_id") == paths.boot_id()
+        self.spool = spool if spool and same_host and os.access(spool, os.W_OK) else None
+        self._sent_fns = set()
+        threading.Thread(target=self._reader, args=(conn,), name="flash-reader", daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return self.info["url"]
+
+    @property
+    def token(self) -> str:
+        return self.info.get("token", "")
+
+    def _reader(self, conn: SyncConnection) -> None:
+        try:
+            while True:
+                meta, bufs = conn.recv()
+                self._dispatch(meta, bufs)
+        except (ConnectionError, OSError):
+            pass
+        if not self._closed and conn is self.conn:
+            self._reconnect()
+
+    def _reconnect(self) -> None:
+        delay = 0.05
+        deadline = time.monotonic() + 120
+        while not self._closed and time.monotonic() < deadline:
+            try:
+                with self._lock:
+                    self._info = None if not os.environ.get("FLASH_JUPYTER_URL") else self._info
+                    self._connect()
+                    pending = [j for j in self.jobs.values() if not j.done.is_set()]
+                    for name, (_, cfg_msg) in list(self.deployed.items()):
+                        self._request_nowait(cfg_msg)
+                    if pending:
+                        self.conn.send({"op": "watch", "ids": [j.id for j in pending]})
+                return
+            except errors.FlashError:
+                time.sleep(delay)
+                delay = min(1.0, delay * 2)
+        for j in list(self.jobs.values()):
+            if not j.done.is_set():
+                self._complete(j, {"id": j.id, "status": "FAILED",
+                                   "error": {"message": "lost the control plane"}})  # fmt: skip
+
+    def _dispatch(self, meta: dict[str, Any], bufs: list[bytearray]) -> None:
+        op = meta.get("op")
+        if op == "done":
+            job = self.jobs.get(meta["id"])
+            if job is None:
+                shm.discard([tuple(r) for r in meta.get("refs", []) if not isinstance(r, int)])
+                return
+            if "refs" in meta:
+                meta["blobs"] = [shm.open_blob(r, bufs, unlink=True) for r in meta["refs"]]
+            self._complete(job, meta)
+        elif op == "out":
+            job = self.jobs.get(meta["id"])
+            if job is not None:
+                if job.sink is not None:
+                    job.sink(meta["stream"], meta["text"])
+                else:
+                    job.events.put(("out", (meta["stream"], meta["text"])))
+        elif op == "reply":
+            slot = self.replies.pop(meta["rid"], None)
+            if slot is not None:
+                slot[1].append(meta)
+                slot[0].set()
+        elif op == "need_fn":
+            self._sent_fns.discard(meta["fn"])
+            job = self.jobs.get(meta["id"])
+            if job is not None and job.frame is not None:
+                self._resend(job)
+        elif op == "unknown":
+            for jid in meta["ids"]:
+                job = self.jobs.get(jid)
+                if job is not None and job.frame is not None and not job.done.is_set():
+                    self._resend(job)
+
+    def _complete(self, job: JobState, meta: dict[str, Any]) -> None:
+        job.outcome = meta
+        job.frame = None
+        self.jobs.pop(job.id, None)
+        job.done.set()
+        job.events.put(("done", meta))
+        for cb in job.callbacks:
+            try:
+                cb(job)
+            except Exception:  # noqa: BLE001
+                pass
+
+    def close(self) -> None:
+        self._closed = True
+        if self.conn is not None:
+            self.conn.close()
+        if self._http is not None:
+            self._http.close()
+
+    # -- requests over the wire
+    def _request_nowait(self, meta: dict[str, Any], bufs: list[Any] = ()) -> tuple[threading.Event, list]:
+        rid = next(self._rid)
+        slot = (threading.Event(), [])
+        self.replies[rid] = slot
+        self.conn.send({**meta, "rid": rid}, bufs)
+        return slot
+
+    def request(self, meta: dict[str, Any], bufs: list[Any] = (), timeout: float = 60) -> Any:
+        ev, box = self._request_nowait(meta, bufs)
+        if not ev.wait(timeout):
+            raise errors.ControlPlaneError(f"no answer to {meta.get('op')} in {timeout:g} s")
+        reply = box[0]
+        if not reply.get("ok"):
+            raise errors.ControlPlaneError(reply.get("error", "request failed"))
+        return reply["result"]
+
+    # -- endpoints and jobs
+    def deploy(self, config: dict[str, Any], handler: wire.Payload | None = None) -> dict[str, Any]:
+        """Create, reuse or update an endpoint (and set its HTTP handler function)."""
+        meta: dict[str, Any] = {"op": "deploy", "config": config}
+        bufs: list[Any] = []
+        if handler is not None:
+            meta["handler"] = _fn_hash(handler)
+            meta["hc"] = handler.codec
+            meta["hrefs"] = list(range(1 + len(handler.buffers)))
+            bufs = [handler.data, *handler.buffers]
+        answer = self.request(meta, bufs)
+        self.deployed[config["name"]] = (answer["config_hash"], {"op": "deploy", "config": config})
+        return answer
+
+    def submit(self, endpoint: str, fn: wire.Payload, call: wire.Payload) -> JobState:
+        jid = uuid.uuid4().hex
+        blobs = shm.blobs_for(call.data, call.buffers, self.spool)
+        meta: dict[str, Any] = {"op": "submit", "id": jid, "ep": endpoint, "c": call.codec,
+                                "stamp": wire.stamp()}  # fmt: skip
+        bufs: list[Any] = []
+        meta["refs"] = _refs(blobs, bufs)
+        h = _fn_hash(fn)
+        fn_bufs: list[Any] = []
+        fn_refs = None
+        if h is None or h not in self._sent_fns:
+            fn_blobs = shm.blobs_for(fn.data, fn.buffers, None)
+            fn_refs = [len(bufs) + i for i in range(len(fn_blobs))]
+            fn_bufs = fn_blobs
+        meta["fn"] = h
+        if fn_refs is not None:
+            meta["fnc"], meta["fnrefs"] = fn.codec, fn_refs
+        # Keep everything needed to send it again (with the function) after a reconnect.
+        full_meta = dict(meta, fnc=fn.codec, fnrefs=[len(bufs) + i for i in range(1 + len(fn.buffers))])
+        job = JobState(jid, endpoint, (full_meta, [*bufs, fn.data, *fn.buffers]))
+        self.jobs[jid] = job
+        with self._lock:
+            self.conn.send(meta, [*bufs, *fn_bufs])
+        if h is not None:
+            self._sent_fns.add(h)
+        return job
+
+    def _resend(self, job: JobState) -> None:
+        meta, bufs = job.frame
+        with self._lock:
+            self.conn.send(meta, bufs)
+        if meta.get("fn"):
+            self._sent_fns.add(meta["fn"])
+
+    def cancel(self, job_id: str) -> None:
+        with self._lock:
+            self.conn.send({"op": "cancel", "id": job_id})
+
+    def job_status(self, job_id: str) -> dict[str, Any]:
+        return self.request({"op": "status", "id": job_id})
+
+    # -- management over HTTP
+    @property
+    def http(self) -> Any:
+        if self._http is None:
+            import httpx
+
+            self._http = httpx.Client(
+                base_url=self.url, headers={"Authorization": f"Bearer {self.token}"}, timeout=30
+            )
+        return self._http
+
+    def _call(self, method: str, path: str, **kw: Any) -> Any:
+        r = self.http.request(method, path, **kw)
+        if r.status_code == 401:
+            raise errors.AuthError("401 Unauthorized: wrong token")
+        if r.status_code >= 400:
+            try:
+                msg = r.json().get("error", r.text)
+            except ValueError:
+                msg = r.text
+            raise errors.ControlPlaneError(f"{method} {path}: {r.status_code} {msg}")
+        return r.json()
+
+    def endpoints(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/v1/endpoints")
+
+    def endpoint(self, name: str) -> dict[str, Any]:
+        return self._call("GET", f"/v1/endpoints/{name}")
+
+    def health(self, name: str) -> dict[str, Any]:
+        return self._call("GET", f"/v2/{name}/health")
+
+    def scale(self, name: str, wmin: int, wmax: int) -> dict[str, Any]:
+        return self._call("POST", f"/v1/endpoints/{name}/scale", json={"min": wmin, "max": wmax})
+
+    def stop(self, name: str) -> dict[str, Any]:
+        return self._call("POST", f"/v1/endpoints/{name}/stop")
+
+    def delete(self, name: str) -> dict[str, Any]:
+        self.deployed.pop(name, None)
+        return self._call("DELETE", f"/v1/endpoints/{name}")
+
+    def logs(self, name: str, tail: int = 200) -> list[dict[str, Any]]:
+        return self._call("GET", f"/v1/endpoints/{name}/logs", params={"tail": tail})
+
+    def billing(self) -> dict[str, Any]:
+        return self._call("GET", "/v1/billing")
+
+    def jobs_list(self, endpoint: str | None = None) -> list[dict[str, Any]]:
+        params = {"endpoint": endpoint} if endpoint else {}
+        return self._call("GET", "/v1/jobs", params=params)
+
+
+def _fn_hash(p: wire.Payload) -> str | None:
+    """Content hash of a function payload; None (no caching) when it carries big buffers."""
+    if p.buffers:
+        return None
+    return hashlib.blake2b(p.data, digest_size=16).hexdigest()
+
+
+def _refs(blobs: list[Any], bufs: list[Any]) -> list[Any]:
+    refs: list[Any] = []
+    for b in blobs:
+        if isinstance(b, tuple):
+            refs.append(list(b))
+        else:
+            refs.append(len(bufs))
+            bufs.append(b)
+    return refs
+
+
+# ---------------------------------------------------------------- the shared client
+
+_client: Client | None = None
+_client_lock = threading.Lock()
+_client_pid = 0
+
+
+def get_client() -> Client:
+    """The process-wide client (created, and the control plane started, on first use)."""
+    global _client, _client_pid
+    if _client is not None and _client_pid == os.getpid():
+        return _client
+    with _client_lock:
+        if _client is None or _client_pid != os.getpid():
+            _client = Client()
+            _client_pid = os.getpid()
+        return _client
+
+
+def reset_client() -> None:
+    """Forget the shared client (the next use connects again, e.g. after changing env)."""
+    global _client
+    with _client_lock:
+        if _client is not None:
+            _client.close()
+        _client = None

@@ -1,0 +1,409 @@
+"""``Endpoint``: run a function or a class on a remote GPU/CPU worker.
+
+    @Endpoint(gpu="A100", workers=(0, 3), idle_timeout=30)
+    def train(x): ...
+
+    train(4)                   # blocks, returns the value (also inside a notebook's loop)
+    job = train.submit(4)      # a Job: .id .status() .result(timeout) .cancel()
+    train.map(range(100))      # results in order
+
+The configuration is validated when the decorator is applied; the control plane is only
+contacted at the first call. The function is pickled at every call, so it sees the
+notebook's globals as they are now, not as they were when it was decorated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import inspect
+import os
+import sys
+import sysconfig
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import cloudpickle
+
+from . import errors, wire
+from .client import Client, JobState, get_client
+from .config import EndpointConfig
+
+_TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
+_by_value_done: set[str] = set()
+
+
+def _ship_module_by_value(obj: Any) -> None:
+    """Code of the user's own modules travels by value; installed packages by reference.
+
+    A worker does not share the caller's working directory or sys.path, so a function
+    defined in ``mylib.py`` next to the notebook would not import there.
+    """
+    mod_name = getattr(obj, "__module__", None)
+    if not mod_name or mod_name in _by_value_done or mod_name == "__main__":
+        return
+    _by_value_done.add(mod_name)
+    mod = sys.modules.get(mod_name)
+    path = getattr(mod, "__file__", None)
+    if mod is None or path is None:
+        return
+    path = os.path.realpath(path)
+    installed = {
+        os.path.realpath(p)
+        for key in ("stdlib", "platstdlib", "purelib", "platlib")
+        if (p := sysconfig.get_paths().get(key))
+    }
+    installed.update(os.path.realpath(p) for p in sys.path if "site-packages" in p)
+    if any(path.startswith(p + os.sep) for p in installed):
+        return
+    if mod_name.split(".")[0] == "flash_jupyter":
+        return
+    try:
+        cloudpickle.register_pickle_by_value(mod)
+    except (ValueError, TypeError):
+        pass
+
+
+class Job:
+    """A handle on one remote call."""
+
+    def __init__(self, state: JobState, client: Client, where: str):
+        self._state = state
+        self._client = client
+        self._where = where
+        self.id = state.id
+        self.endpoint = state.endpoint
+
+    def __repr__(self) -> str:
+        return f"<Job {self.id[:8]} on {self.endpoint}: {self.status()}>"
+
+    def done(self) -> bool:
+        return self._state.done.is_set()
+
+    def info(self) -> dict[str, Any]:
+        """Status and timings (delayTime, executionTime ms; cold; coldStartTime; cost)."""
+        if self._state.outcome is not None:
+            return {k: v for k, v in self._state.outcome.items() if k not in ("blobs", "refs")}
+        try:
+            return self._client.job_status(self.id)
+        except errors.ControlPlaneError:
+            return {"id": self.id, "status": "IN_QUEUE"}
+
+    def status(self) -> str:
+        return self.info()["status"]
+
+    def cancel(self) -> None:
+        if not self.done():
+            self._client.cancel(self.id)
+
+    def _wait(self, timeout: float | None) -> dict[str, Any]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        ev = self._state.events
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                kind, data = ev.get(timeout=left)
+            except Exception:  # queue.Empty
+                raise TimeoutError(f"job {self.id} not done after {timeout:g} s") from None
+            if kind == "out":
+                stream, text = data
+                out = sys.stderr if stream == "stderr" else sys.stdout
+                out.write(text)
+                out.flush()
+            else:
+                # Leave the outcome for another waiter, should there be one.
+                ev.put(("done", data))
+                return data
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Wait for the job, streaming its output here, and return its value (or raise).
+
+        Interrupting the wait (Ctrl-C, a notebook's stop button) cancels the remote job.
+        """
+        try:
+            outcome = self._wait(timeout)
+        except KeyboardInterrupt:
+            self.cancel()
+            raise
+        return _decode(outcome, self._where)
+
+
+def _decode(outcome: dict[str, Any], where: str) -> Any:
+    status = outcome.get("status")
+    if status == "COMPLETED":
+        blobs = outcome["blobs"]
+        return wire.loads(blobs[0], blobs[1:], outcome.get("c", "cloudpickle"))
+    err = outcome.get("error") or {}
+    jid = outcome.get("id", "?")
+    worker = outcome.get("workerId")
+    here = f"{where}, worker {worker}" if worker else where
+    if status == "FAILED" and "traceback" in err:
+        raise wire.rebuild_exception(err, here)
+    reason = err.get("message", "no reason given") if isinstance(err, dict) else str(err)
+    if status == "CANCELLED":
+        raise errors.JobCancelled(jid, status, reason)
+    if status == "TIMED_OUT":
+        raise errors.JobTimedOut(jid, status, reason)
+    raise errors.JobFailed(jid, status or "FAILED", reason)
+
+
+class _Remote:
+    """What the function, async function and class forms share."""
+
+    def __init__(self, target: Any, config: EndpointConfig):
+        self._target = target
+        self.config = config
+        self.name = config.name
+        self._deployed_by: tuple[int, str] | None = None
+
+    def _client(self) -> Client:
+        client = get_client()
+        if self._deployed_by != (id(client), self.config.config_hash):
+            handler = None
+            if inspect.isfunction(self._target):
+                _ship_module_by_value(self._target)
+                handler = wire.dumps(self._target, what=f"function {self.name!r}")
+            client.deploy(self.config.to_dict(), handler)
+            self._deployed_by = (id(client), self.config.config_hash)
+        return client
+
+    def deploy(self) -> dict[str, Any]:
+        """Create or update the endpoint now (and make the function callable over HTTP)."""
+        self._deployed_by = None
+        client = get_client()
+        handler = None
+        if inspect.isfunction(self._target):
+            _ship_module_by_value(self._target)
+            handler = wire.dumps(self._target, what=f"function {self.name!r}")
+        answer = client.deploy(self.config.to_dict(), handler)
+        self._deployed_by = (id(client), self.config.config_hash)
+        return answer
+
+    def status(self) -> dict[str, Any]:
+        """The endpoint as the control plane sees it: workers, states, health, cost."""
+        return self._client().endpoint(self.name)
+
+    def _fn_payload(self) -> wire.Payload:
+        _ship_module_by_value(self._target)
+        return wire.dumps(self._target, what=f"function {self.name!r}")
+
+    def _submit_call(self, fn: wire.Payload, call: tuple) -> Job:
+        client = self._client()
+        try:
+            payload = wire.dumps(call, what="argument")
+        except errors.SerializationError as e:
+            raise errors.SerializationError(_name_argument(str(e), call)) from None
+        state = client.submit(self.name, fn, payload)
+        return Job(state, client, f"endpoint {self.name}")
+
+
+def _name_argument(msg: str, call: tuple) -> str:
+    # "argument[1][0]" -> "argument 0"; "argument[2]['k']" -> "keyword argument 'k'"
+    import re
+
+    m = re.match(r"cannot send argument\[(1|2)\]\[([^\]]+)\]", msg)
+    if not m:
+        return msg
+    which, idx = m.groups()
+    label = f"argument {idx}" if which == "1" else f"keyword argument {idx}"
+    return msg.replace(f"argument[{which}][{idx}]", label, 1)
+
+
+class RemoteFunction(_Remote):
+    """A function that runs on the endpoint's workers."""
+
+    def __init__(self, fn: Callable[..., Any], config: EndpointConfig):
+        super().__init__(fn, config)
+        functools.update_wrapper(self, fn)
+
+    def __repr__(self) -> str:
+        return f"<RemoteFunction {self.name} ({self.config.hardware.name})>"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.submit(*args, **kwargs).result()
+
+    def submit(self, *args: Any, **kwargs: Any) -> Job:
+        return self._submit_call(self._fn_payload(), ("call", args, kwargs))
+
+    def map(
+        self, iterable: Iterable[Any], *, timeout: float | None = None, progress: bool = False
+    ) -> list[Any]:
+        """Call the function on every item; results in order. ``progress`` shows a counter."""
+        fn = self._fn_payload()
+        jobs = [self._submit_call(fn, ("call", (x,), {})) for x in iterable]
+        out = []
+        try:
+            for i, j in enumerate(jobs):
+                out.append(j.result(timeout))
+                if progress:
+                    sys.stderr.write(f"\r{self.name}: {i + 1}/{len(jobs)} done")
+            if progress:
+                sys.stderr.write("\n")
+        except BaseException:
+            for j in jobs:
+                j.cancel()
+            raise
+        return out
+
+    def local(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the undecorated function here, in this process."""
+        return self._target(*args, **kwargs)
+
+
+class RemoteAsyncFunction(RemoteFunction):
+    """An ``async def`` endpoint: calling it returns an awaitable."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._acall(args, kwargs)
+
+    async def _acall(self, args: tuple, kwargs: dict) -> Any:
+        loop = asyncio.get_running_loop()
+        job = await loop.run_in_executor(None, lambda: self.submit(*args, **kwargs))
+        fut = loop.create_future()
+
+        def sink(stream: str, text: str) -> None:
+            out = sys.stderr if stream == "stderr" else sys.stdout
+            loop.call_soon_threadsafe(out.write, text)
+
+        def done(_: JobState) -> None:
+            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(None))
+
+        job._state.sink = sink
+        job._state.callbacks.append(done)
+        # Output that arrived before the sink was set waits in the queue; so may the outcome.
+        while not job._state.events.empty():
+            kind, data = job._state.events.get()
+            if kind == "out":
+                sink(*data)
+            else:
+                job._state.events.put((kind, data))
+                break
+        if job._state.done.is_set():
+            fut.set_result(None)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            job.cancel()
+            raise
+        return _decode(job._state.outcome, job._where)
+
+
+class RemoteClass(_Remote):
+    """A class whose instances live on a worker: constructed once per worker, methods remote."""
+
+    def __init__(self, cls: type, config: EndpointConfig):
+        super().__init__(cls, config)
+        functools.update_wrapper(self, cls, updated=())
+
+    def __repr__(self) -> str:
+        return f"<RemoteClass {self.name} ({self.config.hardware.name})>"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> RemoteInstance:
+        try:
+            init = wire.dumps((args, kwargs), what="constructor argument")
+        except errors.SerializationError:
+            raise
+        key = hashlib.blake2b(init.data, digest_size=12).hexdigest()
+        return RemoteInstance(self, key, args, kwargs)
+
+
+class RemoteInstance:
+    """The caller's view of a remote object; attribute access gives remote methods."""
+
+    def __init__(self, rc: RemoteClass, key: str, args: tuple, kwargs: dict):
+        self._rc, self._key, self._args, self._kwargs = rc, key, args, kwargs
+
+    def __repr__(self) -> str:
+        return f"<remote {self._rc._target.__name__} on endpoint {self._rc.name}>"
+
+    def __getattr__(self, name: str) -> RemoteMethod:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        attr = getattr(self._rc._target, name, None)
+        if attr is None or not callable(attr):
+            raise AttributeError(f"{self._rc._target.__name__} has no method {name!r}")
+        return RemoteMethod(self, name)
+
+
+class RemoteMethod:
+    def __init__(self, inst: RemoteInstance, name: str):
+        self._inst, self._name = inst, name
+
+    def submit(self, *args: Any, **kwargs: Any) -> Job:
+        i = self._inst
+        call = ("method", i._key, i._args, i._kwargs, self._name, args, kwargs)
+        return i._rc._submit_call(i._rc._fn_payload(), call)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.submit(*args, **kwargs).result()
+
+    def map(self, iterable: Iterable[Any], *, timeout: float | None = None) -> list[Any]:
+        jobs = [self.submit(x) for x in iterable]
+        return [j.result(timeout) for j in jobs]
+
+
+class Endpoint:
+    """Mark a function or class to run on remote workers.
+
+    Args:
+        name: the endpoint's name (defaults to the function's or class's name). Same name
+            and config: the endpoint is reused; same name, new config: it is updated.
+        gpu: a GPU type or alias ("A100", "H100", "RTX4090", "L4", ...) or a list of
+            acceptable ones. cpu: a CPU instance type instead (e.g. "cpu3c-2-4").
+        gpu_count: GPUs per worker.
+        workers: n (= (0, n)) or (min, max) workers.
+        idle_timeout: seconds a worker stays warm after its last job (1..3600).
+        dependencies: pip requirements installed in the workers' environment.
+        system_dependencies: commands that must exist on the worker host.
+        env: environment variables of the workers.
+        execution_timeout: seconds a job may run before it is TIMED_OUT.
+        max_concurrency: jobs one worker runs at once.
+    """
+
+    def __init__(
+        self,
+        name: str | None = None,
+        *,
+        gpu: str | list[str] | None = None,
+        cpu: str | None = None,
+        gpu_count: int = 1,
+        workers: int | tuple[int, int] = (0, 1),
+        idle_timeout: float = 60,
+        dependencies: Iterable[str] = (),
+        system_dependencies: Iterable[str] = (),
+        env: dict[str, str] | None = None,
+        execution_timeout: float | None = None,
+        max_concurrency: int = 1,
+    ):
+        self._kw = dict(
+            gpu=gpu,
+            cpu=cpu,
+            gpu_count=gpu_count,
+            workers=workers,
+            idle_timeout=idle_timeout,
+            dependencies=tuple(dependencies) if not isinstance(dependencies, str) else dependencies,
+            system_dependencies=tuple(system_dependencies)
+            if not isinstance(system_dependencies, str)
+            else system_dependencies,
+            env=env,
+            execution_timeout=execution_timeout,
+            max_concurrency=max_concurrency,
+        )
+        self.name = name
+        # Validate now, so a typo fails where it was written.
+        self.config = EndpointConfig.build(name or "unnamed", **self._kw)
+
+    def __call__(self, target: Any) -> Any:
+        name = self.name or getattr(target, "__name__", None)
+        if not name or name == "<lambda>":
+            raise errors.ConfigError("give the endpoint a name= (lambdas have none)")
+        config = EndpointConfig.build(name, **self._kw)
+        if inspect.isclass(target):
+            return RemoteClass(target, config)
+        if inspect.iscoroutinefunction(target):
+            return RemoteAsyncFunction(target, config)
+        if callable(target):
+            return RemoteFunction(target, config)
+        raise TypeError(f"@Endpoint decorates a function or a class, not {type(target).__name__}")

@@ -1,0 +1,188 @@
+"""Workers as OS processes on this machine.
+
+GPUs: on a host with NVIDIA GPUs, each worker gets the devices it asked for through
+``CUDA_VISIBLE_DEVICES``, matched by the names ``nvidia-smi`` reports. Where the host has no
+GPU of an acceptable type, the worker runs on the CPU and is labelled emulated
+("A100 (emulated on CPU)"), unless ``FLASH_JUPYTER_STRICT_GPU=1`` makes that an error.
+Capacity: at most ``max_workers`` processes at once (``FLASH_JUPYTER_MAX_WORKERS``); a
+worker that cannot start for lack of a slot or of a free GPU is Throttled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from .. import catalog
+from ..config import EndpointConfig
+from .base import Allocation, PlacementError, WorkerSpec
+from .environments import ensure_environment
+
+
+def detect_gpus() -> list[tuple[int, str, catalog.HardwareType | None]]:
+    """(index, nvidia-smi name, catalogue type) for each NVIDIA GPU on this host."""
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return []
+    try:
+        out = subprocess.run(
+            [smi, "--query-gpu=index,name", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    gpus = []
+    for line in out.strip().splitlines():
+        idx, _, name = line.partition(",")
+        if idx.strip().isdigit():
+            gpus.append((int(idx), name.strip(), catalog.match_smi_name(name.strip())))
+    return gpus
+
+
+class LocalProvider:
+    name = "local"
+
+    def __init__(
+        self,
+        data_dir: Path,
+        max_workers: int | None = None,
+        strict_gpu: bool | None = None,
+        gpus: list[tuple[int, str, catalog.HardwareType | None]] | None = None,
+    ):
+        self.data_dir = data_dir
+        env_max = os.environ.get("FLASH_JUPYTER_MAX_WORKERS")
+        self.max_workers = max_workers or (
+            int(env_max) if env_max else max(4, 2 * (os.cpu_count() or 2))
+        )
+        if strict_gpu is None:
+            strict_gpu = os.environ.get("FLASH_JUPYTER_STRICT_GPU", "") not in ("", "0")
+        self.strict_gpu = strict_gpu
+        self.gpus = detect_gpus() if gpus is None else gpus
+        self.free_gpus = {idx for idx, _, _ in self.gpus}
+        self.in_use = 0
+
+    # -- placement
+    def _gpu_indices_for(self, types: tuple[str, ...]) -> list[int]:
+        return [idx for idx, _, hw in self.gpus if hw is not None and hw.name in types]
+
+    def allocate(self, config: EndpointConfig) -> Allocation | None:
+        if self.in_use >= self.max_workers:
+            return None
+        if config.gpu:
+            matching = self._gpu_indices_for(config.gpu)
+            if len(matching) >= config.gpu_count:
+                free = [i for i in matching if i in self.free_gpus]
+                if len(free) < config.gpu_count:
+                    return None  # the host has them, all busy: Throttled
+                devices = free[: config.gpu_count]
+                self.free_gpus.difference_update(devices)
+                self.in_use += 1
+                names = {idx: hw.name for idx, _, hw in self.gpus if hw}
+                label = names[devices[0]] + (f" x{config.gpu_count}" if config.gpu_count > 1 else "")
+                return Allocation(label, False, devices)
+            if self.strict_gpu:
+                have = ", ".join(n for _, n, _ in self.gpus) or "no NVIDIA GPU"
+                raise PlacementError(
+                    f"endpoint {config.name!r} asks for {config.gpu_count} x "
+                    f"{' or '.join(config.gpu)} but this host has {have}; "
+                    f"FLASH_JUPYTER_STRICT_GPU=1 forbids emulating it on the CPU"
+                )
+            self.in_use += 1
+            label = config.gpu[0] + (f" x{config.gpu_count}" if config.gpu_count > 1 else "")
+            return Allocation(f"{label} (emulated on CPU)", True, [])
+        self.in_use += 1
+        return Allocation(config.cpu or catalog.DEFAULT_CPU, False, [])
+
+    def release(self, allocation: Allocation) -> None:
+        self.in_use = max(0, self.in_use - 1)
+        self.free_gpus.update(allocation.devices)
+
+    # -- processes
+    async def start(
+        self, spec: WorkerSpec, on_exit: Callable[[int | None, str], Awaitable[None] | None]
+    ) -> Any:
+        cfg = spec.config
+        python = sys.executable
+        if cfg.dependencies or cfg.system_dependencies:
+            python = await asyncio.get_running_loop().run_in_executor(
+                None, ensure_environment, self.data_dir, cfg.dependencies, cfg.system_dependencies
+            )
+        env = dict(os.environ)
+        env.update(cfg.env)
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in spec.allocation.devices)
+        env["FLASH_JUPYTER_WORKER"] = json.dumps(
+            {
+                "id": spec.worker_id,
+                "incarnation": spec.incarnation,
+                "endpoint": cfg.name,
+                "host": spec.wire[0],
+                "port": spec.wire[1],
+                "hardware": spec.allocation.hardware,
+                "max_concurrency": cfg.max_concurrency,
+                "spool": spec.spool,
+            }
+        )
+        env["FLASH_JUPYTER_WORKER_TOKEN"] = spec.token
+        env.pop("FLASH_JUPYTER_URL", None)
+        proc = await asyncio.create_subprocess_exec(
+            python,
+            "-m",
+            "flash_jupyter.worker",
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=None,
+            stderr=None,
+            start_new_session=True,  # an interrupt in the notebook's terminal stays there
+        )
+
+        async def watch() -> None:
+            rc = await proc.wait()
+            if rc is None or rc >= 0:
+                reason = f"exited with code {rc}"
+            else:
+                try:
+                    reason = f"killed by {signal.Signals(-rc).name}"
+                except ValueError:
+                    reason = f"killed by signal {-rc}"
+            r = on_exit(rc, reason)
+            if asyncio.iscoroutine(r):
+                await r
+
+        proc._flash_watch = asyncio.ensure_future(watch())  # type: ignore[attr-defined]
+        return proc
+
+    def stop(self, handle: Any) -> None:
+        try:
+            handle.send_signal(signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+    def kill(self, handle: Any) -> None:
+        try:
+            handle.kill()
+        except ProcessLookupError:
+            pass
+
+    def pid(self, handle: Any) -> int | None:
+        return handle.pid
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "provider": self.name,
+            "max_workers": self.max_workers,
+            "in_use": self.in_use,
+            "gpus": [
+                {"index": i, "name": n, "type": hw.name if hw else None} for i, n, hw in self.gpus
+            ],
+            "strict_gpu": self.strict_gpu,
+        }

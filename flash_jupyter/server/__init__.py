@@ -1,0 +1,1 @@
+"""The control plane. It never imports Jupyter and never unpickles user payloads."""

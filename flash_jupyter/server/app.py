@@ -1,0 +1,200 @@
+"""Run the control plane: the wire server, the HTTP API and the worker provider on one loop.
+
+``flash-jupyter serve`` calls ``serve()`` in the foreground; the client starts the same
+thing detached (``python -m flash_jupyter.server``) on first use. The wire listener comes
+up first and the runtime file is written at once; the HTTP stack is imported in a thread
+meanwhile, so a cold first call does not wait for Starlette to load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .. import __version__, paths
+from ..providers import get_provider
+from .control import ControlPlane
+from .store import Store
+from .wire_server import Connection
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((host, port))
+    s.listen(512)
+    s.setblocking(False)
+    return s
+
+
+def _load_http() -> tuple[Any, Any]:
+    import uvicorn
+
+    from .http_app import build_app
+
+    return uvicorn, build_app
+
+
+async def run_server(
+    host: str = "127.0.0.1",
+    port: int = 0,
+    token: str | None = None,
+    data_dir: Path | None = None,
+    wire_port: int = 0,
+    idle_shutdown: float | None = None,
+    parent_pid: int | None = None,
+    ready_file: Path | None = None,
+) -> None:
+    data_dir = paths.ensure_private_dir(Path(data_dir or paths.home()))
+    token = token or secrets.token_urlsafe(24)
+    instance = secrets.token_hex(4)
+    http_sock = _bind(host, port)
+    wire_sock = _bind(host, wire_port)
+    http_port = http_sock.getsockname()[1]
+    wport = wire_sock.getsockname()[1]
+    url_host = f"[{host}]" if ":" in host else host
+    spool = paths.spool_dir(instance)
+    info = {
+        "pid": os.getpid(),
+        "url": f"http://{url_host}:{http_port}",
+        "wire_host": host,
+        "wire_port": wport,
+        "spool": str(spool),
+        "boot_id": paths.boot_id(),
+        "instance": instance,
+        "data_dir": str(data_dir),
+        "version": __version__,
+        "started": time.time(),
+    }
+    loop = asyncio.get_running_loop()
+    http_future = loop.run_in_executor(None, _load_http)
+    store = Store(data_dir / "flash.db")
+    provider = get_provider("local", data_dir=data_dir)
+    cp = ControlPlane(store, provider, token=token, wire_addr=(host, wport), spool=str(spool))
+    await cp.start()
+    public = {k: info[k] for k in ("spool", "boot_id", "instance", "version")}
+    wire_server = await loop.create_server(lambda: Connection(cp, public).proto, sock=wire_sock)
+    runtime = {**info, "token": token}
+    paths.write_runtime(runtime, data_dir)
+    if ready_file is not None:
+        _write_private(ready_file, runtime)
+
+    uvicorn, build_app = await http_future
+    app = build_app(cp, token, public)
+    config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
+    server = uvicorn.Server(config)
+    stop = asyncio.Event()
+
+    def request_stop(*_: Any) -> None:
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, request_stop)
+        except (NotImplementedError, RuntimeError):
+            pass
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    serve_task = asyncio.ensure_future(server.serve(sockets=[http_sock]))
+
+    async def watchdogs() -> None:
+        quiet_since = time.monotonic()
+        while not stop.is_set():
+            await asyncio.sleep(0.5)
+            if parent_pid and not _alive(parent_pid):
+                stop.set()
+            if idle_shutdown:
+                busy = any(
+                    w.live or ep.queue for ep in cp.endpoints.values() for w in ep.workers.values()
+                ) or bool(cp.clients)
+                if busy:
+                    quiet_since = time.monotonic()
+                elif time.monotonic() - quiet_since > idle_shutdown:
+                    stop.set()
+
+    wd = asyncio.ensure_future(watchdogs())
+    await stop.wait()
+    wd.cancel()
+    wire_server.close()
+    await cp.shutdown()
+    server.should_exit = True
+    try:
+        await asyncio.wait_for(serve_task, timeout=5)
+    except (asyncio.TimeoutError, Exception):  # noqa: BLE001
+        pass
+    store.close()
+    current = paths.read_runtime(data_dir)
+    if current and current.get("pid") == os.getpid():
+        try:
+            paths.runtime_file(data_dir).unlink()
+        except OSError:
+            pass
+    import shutil
+
+    shutil.rmtree(spool, ignore_errors=True)
+
+
+def _write_private(path: Path, data: dict[str, Any]) -> None:
+    import json
+
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def serve(**kw: Any) -> None:
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    runner(run_server(**kw))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="flash-jupyter serve", description="Run the control plane.")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="HTTP port (0: any free port)")
+    p.add_argument("--wire-port", type=int, default=0, help="binary wire port (0: any)")
+    p.add_argument("--token", default=os.environ.get("FLASH_JUPYTER_TOKEN"))
+    p.add_argument("--data-dir", type=Path, default=None)
+    p.add_argument("--idle-shutdown", type=float, default=None,
+                   help="stop after this many seconds with no workers and no queued jobs")
+    p.add_argument("--exit-with-parent", type=int, default=None, metavar="PID")
+    p.add_argument("--ready-file", type=Path, default=None)  # fmt: skip
+    a = p.parse_args(argv)
+    serve(
+        host=a.host,
+        port=a.port,
+        token=a.token,
+        data_dir=a.data_dir,
+        wire_port=a.wire_port,
+        idle_shutdown=a.idle_shutdown,
+        parent_pid=a.exit_with_parent,
+        ready_file=a.ready_file,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

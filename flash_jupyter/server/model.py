@@ -1,0 +1,130 @@
+"""The control plane's in-memory records: endpoints, workers, jobs."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import EndpointConfig
+
+# Job statuses (Runpod's names).
+IN_QUEUE = "IN_QUEUE"
+IN_PROGRESS = "IN_PROGRESS"
+COMPLETED = "COMPLETED"
+FAILED = "FAILED"
+CANCELLED = "CANCELLED"
+TIMED_OUT = "TIMED_OUT"
+TERMINAL = frozenset({COMPLETED, FAILED, CANCELLED, TIMED_OUT})
+
+# Worker states (the seed's names) and whether each is billed.
+INITIALIZING = "Initializing"
+IDLE = "Idle"
+RUNNING = "Running"
+THROTTLED = "Throttled"
+OUTDATED = "Outdated"
+UNHEALTHY = "Unhealthy"
+WORKER_STATES = (INITIALIZING, IDLE, RUNNING, THROTTLED, OUTDATED, UNHEALTHY)
+
+
+@dataclass
+class Job:
+    id: str
+    endpoint: str
+    kind: str  # "py": pickled call; "json": handler(**input) with JSON in and out
+    fn: str | None
+    body: dict[str, Any]
+    created: float = field(default_factory=time.time)
+    status: str = IN_QUEUE
+    started: float | None = None
+    finished: float | None = None
+    worker_id: str | None = None
+    retries: int = 0
+    cold: bool = False
+    cold_start_ms: float | None = None
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    cost: float = 0.0
+    stream: list[Any] = field(default_factory=list)  # chunks yielded by a generator handler
+    owner: Any = None  # the wire connection waiting for this job
+    waiters: list[Any] = field(default_factory=list)  # asyncio futures (HTTP runsync)
+    deadline: float | None = None  # monotonic execution deadline
+    cancel_sent: float | None = None
+    delivered: bool = False
+
+    @property
+    def delay_ms(self) -> int | None:
+        if self.started is None:
+            return None
+        return int(round((self.started - self.created) * 1000))
+
+    @property
+    def execution_ms(self) -> int | None:
+        if self.started is None:
+            return None
+        end = self.finished if self.finished is not None else time.time()
+        return int(round((end - self.started) * 1000))
+
+
+@dataclass
+class Worker:
+    id: str
+    endpoint: str
+    state: str = IDLE
+    incarnation: int = 0
+    handle: Any = None  # provider handle of the running process
+    conn: Any = None  # wire connection once the process has said hello
+    pid: int | None = None
+    env_hash: str | None = None
+    allocation: Any = None
+    hardware: str = ""
+    emulated: bool = False
+    jobs: set[str] = field(default_factory=set)
+    fns: set[str] = field(default_factory=set)  # function hashes this process holds
+    start_signal: float | None = None  # wall time the start was asked for (billing)
+    ready_at: float | None = None
+    last_active: float = field(default_factory=time.monotonic)
+    jobs_run: int = 0
+    stopping: bool = False
+    removing: bool = False  # slot goes away after this incarnation
+    crashes: int = 0
+    retry_at: float = 0.0
+    reason: str = ""
+    cold_start_ms: float | None = None
+
+    @property
+    def live(self) -> bool:
+        return self.handle is not None
+
+    @property
+    def ready(self) -> bool:
+        return self.conn is not None and not self.stopping and self.state == RUNNING
+
+    def billed_seconds(self, now: float | None = None) -> int:
+        if self.start_signal is None:
+            return 0
+        return max(1, math.ceil((now or time.time()) - self.start_signal))
+
+
+@dataclass
+class EndpointState:
+    config: EndpointConfig
+    handler: str | None = None  # function hash used by JSON (REST) jobs
+    created: float = field(default_factory=time.time)
+    updated: float = field(default_factory=time.time)
+    workers: dict[str, Worker] = field(default_factory=dict)
+    queue: deque[str] = field(default_factory=deque)
+    completed: int = 0
+    failed: int = 0
+    retried: int = 0
+    logs: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=2000))
+    billed_cost: float = 0.0  # closed ledger entries
+    billed_seconds: int = 0
+    exec_ewma_ms: float = 100.0
+    next_worker: int = 1
+
+    @property
+    def name(self) -> str:
+        return self.config.name

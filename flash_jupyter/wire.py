@@ -1,0 +1,237 @@
+"""Serialization of user code and data: what travels between a notebook and a worker.
+
+cloudpickle, protocol 5: code defined in ``__main__`` or a notebook travels by value with
+the globals and closures it uses; importable modules travel by reference. Buffers larger
+than ``OOB_THRESHOLD`` (numpy arrays, bytes) are taken out-of-band and travel as raw frames
+or shared-memory files, never copied into the pickle. dill is the fallback for objects
+cloudpickle refuses. Anything neither can take fails *before* anything is sent, naming the
+variable and its type.
+
+The control plane never unpickles these payloads: it stores and forwards bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import sys
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import cloudpickle
+
+from . import errors
+
+OOB_THRESHOLD = 64 * 1024
+PY_VERSION = f"{sys.version_info[0]}.{sys.version_info[1]}"
+SERIALIZER = f"cloudpickle {cloudpickle.__version__}"
+# Pickles made with a newer cloudpickle major version may not load with an older one.
+SERIALIZER_MAJOR = cloudpickle.__version__.split(".")[0]
+
+
+@dataclass
+class Payload:
+    """A pickled object: the pickle stream plus its out-of-band buffers."""
+
+    data: bytes
+    buffers: list[memoryview] = field(default_factory=list)
+    codec: str = "cloudpickle"  # or "dill"
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data) + sum(b.nbytes for b in self.buffers)
+
+
+def stamp() -> dict[str, str]:
+    """What a reader needs to know it can load our payloads."""
+    return {"py": PY_VERSION, "ser": SERIALIZER_MAJOR}
+
+
+def check_stamp(theirs: dict[str, str], who: str = "the caller") -> None:
+    """Raise VersionMismatch with one plain sentence if a payload cannot be read here."""
+    if theirs.get("py") != PY_VERSION:
+        raise errors.VersionMismatch(
+            f"{who} runs Python {theirs.get('py')} but this worker runs Python {PY_VERSION}; "
+            f"pickled code only loads on the same minor version: run the notebook kernel with "
+            f"Python {PY_VERSION} or give the endpoint an environment built with Python "
+            f"{theirs.get('py')}."
+        )
+    if theirs.get("ser") != SERIALIZER_MAJOR:
+        raise errors.VersionMismatch(
+            f"{who} pickles with cloudpickle {theirs.get('ser')}.x but this worker has "
+            f"{SERIALIZER}; install the same cloudpickle major version on both sides."
+        )
+
+
+def _buffer_callback(out: list[memoryview]):
+    def cb(buf: pickle.PickleBuffer) -> bool:
+        raw = buf.raw()
+        if raw.nbytes < OOB_THRESHOLD:
+            return True  # small: keep in-band, a separate frame costs more than a copy
+        out.append(raw)
+        return False
+
+    return cb
+
+
+def dumps(obj: Any, *, what: str = "value") -> Payload:
+    """Pickle ``obj``; on failure raise SerializationError naming the culprit."""
+    bufs: list[memoryview] = []
+    try:
+        data = cloudpickle.dumps(obj, protocol=5, buffer_callback=_buffer_callback(bufs))
+        return Payload(data, bufs)
+    except Exception as first:  # noqa: BLE001 - any pickling failure lands here
+        try:
+            import dill
+
+            bufs = []
+            f = io.BytesIO()
+            dill.Pickler(f, protocol=5, buffer_callback=_buffer_callback(bufs), recurse=True).dump(
+                obj
+            )
+            return Payload(f.getvalue(), bufs, codec="dill")
+        except Exception:  # noqa: BLE001
+            raise errors.SerializationError(describe_unpicklable(obj, what, first)) from first
+
+
+def loads(data: bytes | memoryview, buffers: list[Any] = (), codec: str = "cloudpickle") -> Any:
+    if codec == "dill":
+        import dill  # noqa: F401 - registers dill's reconstructors
+
+    return pickle.loads(data, buffers=buffers)
+
+
+def _picklable(obj: Any) -> bool:
+    try:
+        cloudpickle.dumps(obj, protocol=5, buffer_callback=lambda b: False)
+        return True
+    except Exception:  # noqa: BLE001
+        try:
+            import dill
+
+            dill.dumps(obj, protocol=5, recurse=True)
+            return True
+        except Exception:  # noqa: BLE001
+            return False
+
+
+def _type_name(obj: Any) -> str:
+    t = type(obj)
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+def _globals_of(fn: Any) -> dict[str, Any]:
+    code = getattr(fn, "__code__", None)
+    g = getattr(fn, "__globals__", None)
+    if code is None or g is None:
+        return {}
+    names: set[str] = set()
+    stack = [code]
+    while stack:
+        c = stack.pop()
+        names.update(c.co_names)
+        stack.extend(k for k in c.co_consts if hasattr(k, "co_names"))
+    found = {n: g[n] for n in sorted(names) if n in g}
+    for name, cell in zip(code.co_freevars, fn.__closure__ or ()):
+        try:
+            found[name] = cell.cell_contents
+        except ValueError:
+            pass
+    return found
+
+
+def find_unpicklable(obj: Any, path: str, depth: int = 0) -> tuple[str, Any] | None:
+    """Return (path, object) of the innermost thing that cannot be pickled, if any."""
+    if depth > 6 or _picklable(obj):
+        return None
+    children: list[tuple[str, Any]] = []
+    if isinstance(obj, dict):
+        children = [(f"{path}[{k!r}]", v) for k, v in obj.items()]
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        children = [(f"{path}[{i}]", v) for i, v in enumerate(obj)]
+    elif callable(obj) and hasattr(obj, "__code__"):
+        children = [(f"global {n!r} used by {path}", v) for n, v in _globals_of(obj).items()]
+    elif isinstance(obj, type):
+        children = [
+            (f"{path}.{n}", v)
+            for n, v in vars(obj).items()
+            if callable(v) and hasattr(v, "__code__")
+        ]
+    elif hasattr(obj, "__dict__"):
+        children = [(f"{path}.{k}", v) for k, v in vars(obj).items()]
+    for p, child in children:
+        inner = find_unpicklable(child, p, depth + 1)
+        if inner is not None:
+            return inner
+    return path, obj
+
+
+def describe_unpicklable(obj: Any, what: str, exc: BaseException) -> str:
+    found = find_unpicklable(obj, what)
+    path, culprit = found if found else (what, obj)
+    return (
+        f"cannot send {path} (type {_type_name(culprit)}) to the worker: it cannot be pickled "
+        f"({type(exc).__name__}: {exc}). Create it inside the remote function instead, or "
+        f"pass something picklable."
+    )
+
+
+# ---------------------------------------------------------------- exceptions
+
+
+@dataclass
+class RemoteFrame:
+    filename: str
+    lineno: int
+    name: str
+    line: str
+
+
+def capture_exception(exc: BaseException, skip_frames: int = 0) -> dict[str, Any]:
+    """Turn a worker-side exception into something the caller can rebuild.
+
+    The exception object itself travels when it pickles (its type is then importable or
+    defined in the notebook); its type name, message and traceback always do.
+    """
+    tb = traceback.extract_tb(exc.__traceback__)[skip_frames:]
+    frames = [RemoteFrame(f.filename, f.lineno or 0, f.name, f.line or "") for f in tb]
+    text = "".join(traceback.format_list(tb)) + "".join(
+        traceback.format_exception_only(type(exc), exc)
+    )
+    t = type(exc)
+    info: dict[str, Any] = {
+        "type": f"{t.__module__}.{t.__qualname__}" if t.__module__ != "builtins" else t.__name__,
+        "message": str(exc),
+        "traceback": text,
+        "frames": [f.__dict__ for f in frames],
+        "exc": None,
+    }
+    try:
+        exc.__traceback__ = None
+        blob = cloudpickle.dumps(exc, protocol=5)
+        pickle.loads(blob)  # must round-trip here, or it will not on the caller either
+        info["exc"] = blob
+    except Exception:  # noqa: BLE001
+        pass
+    return info
+
+
+def rebuild_exception(info: dict[str, Any], where: str = "") -> BaseException:
+    """The caller's side of capture_exception: same type where possible, else RemoteError."""
+    exc: BaseException | None = None
+    if info.get("exc") is not None:
+        try:
+            exc = pickle.loads(info["exc"])
+        except Exception:  # noqa: BLE001 - type not importable here
+            exc = None
+    if not isinstance(exc, BaseException):
+        exc = errors.RemoteError(info["type"], info["message"], info["traceback"])
+    tb = errors.RemoteTraceback(info["traceback"], where)
+    exc.__cause__ = tb
+    try:
+        exc.remote_traceback = info["traceback"]  # type: ignore[attr-defined]
+        exc.remote_frames = info.get("frames", [])  # type: ignore[attr-defined]
+    except AttributeError:
+        pass
+    return exc

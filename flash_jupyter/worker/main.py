@@ -1,0 +1,278 @@
+"""The worker process: take jobs from the control plane, run them, stream output, report.
+
+A reader thread receives frames (jobs, cancels, exit) while the main thread runs jobs, so
+a cancel lands while a job is busy: it arrives as SIGINT, which interrupts ``time.sleep``
+and pure-Python loops alike. Results of back-to-back tiny jobs are sent together.
+The worker never imports the server: it speaks the wire and nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from .. import shm, wire
+from ..errors import VersionMismatch
+from ..protocol import SyncConnection
+from .capture import OutputCapture
+
+BATCH_MAX = 64
+FN_CACHE = 256
+
+
+class Cancelled(BaseException):
+    pass
+
+
+class Worker:
+    def __init__(self, conn: SyncConnection, spec: dict[str, Any]):
+        self.conn = conn
+        self.spec = spec
+        self.spool = spec.get("spool") if spec.get("spool") and os.path.isdir(spec["spool"]) else None
+        self.inbox: queue.SimpleQueue[tuple[dict[str, Any], list[Any]] | None] = queue.SimpleQueue()
+        self.fns: OrderedDict[str, Any] = OrderedDict()
+        self.instances: dict[tuple[str, str], Any] = {}
+        self.cancelled: set[str] = set()
+        self.current: str | None = None  # job running on the main thread
+        self.lock = threading.Lock()
+        self.pending: list[tuple[dict[str, Any], list[Any]]] = []
+        self.capture = OutputCapture(self._send_output)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        conc = int(spec.get("max_concurrency") or 1)
+        self.pool = ThreadPoolExecutor(conc, thread_name_prefix="job") if conc > 1 else None
+
+    # -- frames in
+    def reader(self) -> None:
+        try:
+            while True:
+                meta, bufs = self.conn.recv()
+                op = meta.get("op")
+                if op == "run":
+                    self.inbox.put((meta, bufs))
+                elif op == "cancel":
+                    self._cancel(meta["id"])
+                elif op == "exit":
+                    self.inbox.put(None)
+                    return
+        except (ConnectionError, OSError):
+            pass
+        # The control plane is gone: nothing may run unsupervised.
+        os._exit(0)
+
+    def _cancel(self, job_id: str) -> None:
+        with self.lock:
+            self.cancelled.add(job_id)
+            running = self.current == job_id
+        if running:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    # -- frames out
+    def _send_output(self, job_id: str, stream: str, text: str) -> None:
+        self.conn.send({"op": "out", "id": job_id, "stream": stream, "text": text})
+
+    def _queue_done(self, meta: dict[str, Any], bufs: list[Any], flush: bool) -> None:
+        self.pending.append((meta, bufs))
+        if flush or len(self.pending) >= BATCH_MAX:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        if len(self.pending) == 1:
+            meta, bufs = self.pending[0]
+            self.conn.send(meta, bufs)
+        else:
+            items, allbufs = [], []
+            for meta, bufs in self.pending:
+                base = len(allbufs)
+                if "refs" in meta:
+                    meta["refs"] = [r + base if isinstance(r, int) else r for r in meta["refs"]]
+                allbufs.extend(bufs)
+                items.append(meta)
+            self.conn.send({"op": "dones", "items": items}, allbufs)
+        self.pending = []
+
+    # -- the job loop
+    def run(self) -> None:
+        signal.signal(signal.SIGINT, self._on_sigint)
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+        threading.Thread(target=self.reader, name="wire-reader", daemon=True).start()
+        self.capture.install()
+        while True:
+            try:
+                item = self.inbox.get(timeout=None) if not self.pending else self._poll()
+            except Cancelled:
+                continue
+            if item is None:
+                break
+            meta, bufs = item
+            if self.pool is not None:
+                self.pool.submit(self._run_one_threaded, meta, bufs)
+                continue
+            self._run_one(meta, bufs)
+        self.flush()
+        self.capture.flush_all()
+        sys.stdout.flush()
+        os._exit(0)
+
+    def _poll(self) -> tuple[dict[str, Any], list[Any]] | None:
+        try:
+            return self.inbox.get_nowait()
+        except queue.Empty:
+            self.flush()
+            return self.inbox.get()
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        with self.lock:
+            cur = self.current
+            hit = cur is not None and cur in self.cancelled
+        if hit:
+            raise Cancelled()
+
+    def _run_one_threaded(self, meta: dict[str, Any], bufs: list[Any]) -> None:
+        out_meta, out_bufs = self._execute(meta, bufs)
+        self.conn.send(out_meta, out_bufs)
+
+    def _run_one(self, meta: dict[str, Any], bufs: list[Any]) -> None:
+        jid = meta["id"]
+        with self.lock:
+            if jid in self.cancelled:
+                self.cancelled.discard(jid)
+                self._queue_done({"op": "done", "id": jid, "ok": False, "cancelled": True,
+                                  "error": {"message": "cancelled"}}, [], flush=True)  # fmt: skip
+                return
+            self.current = jid
+        try:
+            out_meta, out_bufs = self._execute(meta, bufs)
+        except Cancelled:
+            out_meta, out_bufs = {"op": "done", "id": jid, "ok": False, "cancelled": True,
+                                  "error": {"message": "cancelled while running"}}, []  # fmt: skip
+        finally:
+            with self.lock:
+                self.current = None
+                self.cancelled.discard(jid)
+        more = not self.inbox.empty()
+        self._queue_done(out_meta, out_bufs, flush=not more)
+
+    # -- execution
+    def _function(self, meta: dict[str, Any], bufs: list[Any]) -> Any:
+        h = meta.get("fn")
+        if h is not None and h in self.fns:
+            self.fns.move_to_end(h)
+            return self.fns[h]
+        refs = meta["fnrefs"]
+        blobs = [shm.open_blob(r, bufs) for r in refs]
+        fn = wire.loads(blobs[0], blobs[1:], meta.get("fnc", "cloudpickle"))
+        if h is not None:
+            self.fns[h] = fn
+            if len(self.fns) > FN_CACHE:
+                self.fns.popitem(last=False)
+        return fn
+
+    def _execute(self, meta: dict[str, Any], bufs: list[Any]) -> tuple[dict[str, Any], list[Any]]:
+        jid = meta["id"]
+        kind = meta.get("kind", "py")
+        self.capture.begin(jid)
+        try:
+            if kind == "py" and meta.get("stamp"):
+                wire.check_stamp(meta["stamp"])
+            fn = self._function(meta, bufs)
+            if kind == "json":
+                value = fn(**(meta.get("input") or {}))
+                value = self._settle(value, jid, stream=True)
+                try:
+                    json.dumps(value)
+                except (TypeError, ValueError) as e:
+                    raise TypeError(
+                        f"the handler returned a {type(value).__name__}, which is not JSON "
+                        f"({e}); return dicts, lists, strings and numbers to HTTP callers"
+                    ) from None
+                return {"op": "done", "id": jid, "ok": True, "output": value}, []
+            blobs = [shm.open_blob(r, bufs) for r in meta["refs"]]
+            call = wire.loads(blobs[0], blobs[1:], meta.get("c", "cloudpickle"))
+            value = self._settle(self._invoke(fn, meta.get("fn"), call), jid, stream=False)
+            payload = wire.dumps(value, what="the return value")
+            out_blobs = shm.blobs_for(payload.data, payload.buffers, self.spool)
+            refs, out_bufs = [], []
+            for b in out_blobs:
+                if isinstance(b, tuple):
+                    refs.append(list(b))
+                else:
+                    refs.append(len(out_bufs))
+                    out_bufs.append(b)
+            return {"op": "done", "id": jid, "ok": True, "c": payload.codec, "refs": refs}, out_bufs
+        except Cancelled:
+            raise
+        except KeyboardInterrupt:
+            raise Cancelled() from None
+        except BaseException as e:  # noqa: BLE001 - everything goes back to the caller
+            info = wire.capture_exception(e, skip_frames=_own_frames(e))
+            if isinstance(e, VersionMismatch):
+                info["frames"], info["traceback"] = [], f"VersionMismatch: {e}\n"
+            return {"op": "done", "id": jid, "ok": False, "error": info}, []
+        finally:
+            self.capture.end()
+
+    def _invoke(self, fn: Any, h: str | None, call: tuple) -> Any:
+        if call[0] == "call":
+            _, args, kwargs = call
+            return fn(*args, **kwargs)
+        # ("method", init_key, init_args, init_kwargs, name, args, kwargs): class endpoints
+        _, key, iargs, ikwargs, name, args, kwargs = call
+        inst_key = (h or repr(id(fn)), key)
+        inst = self.instances.get(inst_key)
+        if inst is None:
+            inst = fn(*iargs, **ikwargs)
+            self.instances[inst_key] = inst
+        return getattr(inst, name)(*args, **kwargs)
+
+    def _settle(self, value: Any, jid: str, stream: bool) -> Any:
+        if inspect.isawaitable(value):
+            if self.loop is None:
+                self.loop = asyncio.new_event_loop()
+            value = self.loop.run_until_complete(_await(value))
+        if inspect.isgenerator(value):
+            out = []
+            for chunk in value:
+                out.append(chunk)
+                if stream:
+                    self.conn.send({"op": "chunk", "id": jid, "output": chunk})
+            value = out
+        return value
+
+
+async def _await(aw: Any) -> Any:
+    return await aw
+
+
+def _own_frames(e: BaseException) -> int:
+    """How many leading traceback frames belong to this module (hidden from the user)."""
+    n = 0
+    tb = e.__traceback__
+    here = __file__
+    while tb is not None and tb.tb_frame.f_code.co_filename == here:
+        n += 1
+        tb = tb.tb_next
+    return n
+
+
+def main() -> None:
+    spec = json.loads(os.environ.pop("FLASH_JUPYTER_WORKER"))
+    token = os.environ.pop("FLASH_JUPYTER_WORKER_TOKEN", "")
+    conn = SyncConnection.open(spec["host"], int(spec["port"]))
+    conn.send(
+        {"role": "worker", "token": token, "id": spec["id"], "incarnation": spec["incarnation"],
+         "pid": os.getpid(), "stamp": wire.stamp(), "time": time.time()},
+        hello=True,
+    )  # fmt: skip
+    Worker(conn, spec).run()
