@@ -35,7 +35,9 @@ GPUS: tuple[HardwareType, ...] = (
     HardwareType("L4", "gpu", 24, 0.00019, (), ("L4",)),
     HardwareType("RTX A5000", "gpu", 24, 0.00019, ("A5000",), ("RTX A5000",)),
     HardwareType("RTX 3090", "gpu", 24, 0.00019, ("3090", "RTX3090"), ("RTX 3090",)),
-    HardwareType("RTX 4090", "gpu", 24, 0.00031, ("4090", "RTX4090", "RTX 4090 PRO"), ("RTX 4090",)),
+    HardwareType(
+        "RTX 4090", "gpu", 24, 0.00031, ("4090", "RTX4090", "RTX 4090 PRO"), ("RTX 4090",)
+    ),
     HardwareType("RTX A6000", "gpu", 48, 0.00034, ("A6000",), ("RTX A6000",)),
     HardwareType("A40", "gpu", 48, 0.00034, (), ("A40",)),
     HardwareType("L40", "gpu", 48, 0.00053, (), ("L40",)),

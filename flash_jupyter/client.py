@@ -115,7 +115,7 @@ def discover(autostart: bool = True) -> dict[str, Any]:
 class JobState:
     """Client-side record of one submitted job."""
 
-    __slots__ = ("id", "endpoint", "frame", "events", "outcome", "done", "callbacks", "sink")
+    __slots__ = ("callbacks", "done", "endpoint", "events", "frame", "id", "outcome", "sink")
 
     def __init__(self, job_id: str, endpoint: str, frame: tuple[dict, list]):
         self.id = job_id
@@ -171,7 +171,9 @@ class Client:
         same_host = meta.get("boot_id") == paths.boot_id()
         self.spool = spool if spool and same_host and os.access(spool, os.W_OK) else None
         self._sent_fns = set()
-        threading.Thread(target=self._reader, args=(conn,), name="flash-reader", daemon=True).start()
+        threading.Thread(
+            target=self._reader, args=(conn,), name="flash-reader", daemon=True
+        ).start()
 
     @property
     def url(self) -> str:
@@ -255,7 +257,7 @@ class Client:
         for cb in job.callbacks:
             try:
                 cb(job)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 pass
 
     def close(self) -> None:
@@ -266,7 +268,9 @@ class Client:
             self._http.close()
 
     # -- requests over the wire
-    def _request_nowait(self, meta: dict[str, Any], bufs: list[Any] = ()) -> tuple[threading.Event, list]:
+    def _request_nowait(
+        self, meta: dict[str, Any], bufs: list[Any] = ()
+    ) -> tuple[threading.Event, list]:
         rid = next(self._rid)
         slot = (threading.Event(), [])
         self.replies[rid] = slot
@@ -314,7 +318,9 @@ class Client:
         if fn_refs is not None:
             meta["fnc"], meta["fnrefs"] = fn.codec, fn_refs
         # Keep everything needed to send it again (with the function) after a reconnect.
-        full_meta = dict(meta, fnc=fn.codec, fnrefs=[len(bufs) + i for i in range(1 + len(fn.buffers))])
+        full_meta = dict(
+            meta, fnc=fn.codec, fnrefs=[len(bufs) + i for i in range(1 + len(fn.buffers))]
+        )
         job = JobState(jid, endpoint, (full_meta, [*bufs, fn.data, *fn.buffers]))
         self.jobs[jid] = job
         with self._lock:

@@ -97,7 +97,9 @@ class EndpointConfig:
         if isinstance(idle_timeout, bool) or not isinstance(idle_timeout, (int, float)):
             raise ConfigError(f"idle_timeout must be a number of seconds, not {idle_timeout!r}")
         if not 1 <= idle_timeout <= 3600:
-            raise ConfigError(f"idle_timeout must be between 1 and 3600 seconds, not {idle_timeout}")
+            raise ConfigError(
+                f"idle_timeout must be between 1 and 3600 seconds, not {idle_timeout}"
+            )
         if execution_timeout is not None and (
             isinstance(execution_timeout, bool)
             or not isinstance(execution_timeout, (int, float))

@@ -65,4 +65,4 @@ class RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         head = f"Remote traceback ({self.where}):" if self.where else "Remote traceback:"
-        return f"{head}\n\"\"\"\n{self.text.rstrip()}\n\"\"\""
+        return f'{head}\n"""\n{self.text.rstrip()}\n"""'

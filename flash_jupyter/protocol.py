@@ -266,7 +266,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
                 pos += hlen + mlen
                 self._pending = {"meta": meta, "lens": lens, "bufs": []}
                 self._maybe_emit()
-        except Exception:  # noqa: BLE001 - a bad frame ends the connection, not the server
+        except Exception:
             self.closed = True
             self.abort()
             self.on_close()

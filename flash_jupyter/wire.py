@@ -81,7 +81,7 @@ def dumps(obj: Any, *, what: str = "value") -> Payload:
     try:
         data = cloudpickle.dumps(obj, protocol=5, buffer_callback=_buffer_callback(bufs))
         return Payload(data, bufs)
-    except Exception as first:  # noqa: BLE001 - any pickling failure lands here
+    except Exception as first:
         try:
             import dill
 
@@ -91,7 +91,7 @@ def dumps(obj: Any, *, what: str = "value") -> Payload:
                 obj
             )
             return Payload(f.getvalue(), bufs, codec="dill")
-        except Exception:  # noqa: BLE001
+        except Exception:
             raise errors.SerializationError(describe_unpicklable(obj, what, first)) from first
 
 
@@ -106,13 +106,13 @@ def _picklable(obj: Any) -> bool:
     try:
         cloudpickle.dumps(obj, protocol=5, buffer_callback=lambda b: False)
         return True
-    except Exception:  # noqa: BLE001
+    except Exception:
         try:
             import dill
 
             dill.dumps(obj, protocol=5, recurse=True)
             return True
-        except Exception:  # noqa: BLE001
+        except Exception:
             return False
 
 
@@ -212,7 +212,7 @@ def capture_exception(exc: BaseException, skip_frames: int = 0) -> dict[str, Any
         blob = cloudpickle.dumps(exc, protocol=5)
         pickle.loads(blob)  # must round-trip here, or it will not on the caller either
         info["exc"] = blob
-    except Exception:  # noqa: BLE001
+    except Exception:
         pass
     return info
 
@@ -223,7 +223,7 @@ def rebuild_exception(info: dict[str, Any], where: str = "") -> BaseException:
     if info.get("exc") is not None:
         try:
             exc = pickle.loads(info["exc"])
-        except Exception:  # noqa: BLE001 - type not importable here
+        except Exception:
             exc = None
     if not isinstance(exc, BaseException):
         exc = errors.RemoteError(info["type"], info["message"], info["traceback"])

@@ -63,8 +63,6 @@ def ensure_environment(
         if proc.returncode != 0:
             tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
             shutil.rmtree(target, ignore_errors=True)
-            raise EnvironmentError_(
-                f"installing dependencies {list(dependencies)} failed:\n{tail}"
-            )
+            raise EnvironmentError_(f"installing dependencies {list(dependencies)} failed:\n{tail}")
         ready.write_text(json.dumps({"dependencies": list(dependencies)}))
         return str(python)

@@ -62,7 +62,7 @@ class LocalProvider:
         self.data_dir = data_dir
         env_max = os.environ.get("FLASH_JUPYTER_MAX_WORKERS")
         self.max_workers = max_workers or (
-            int(env_max) if env_max else max(4, 2 * (os.cpu_count() or 2))
+            int(env_max) if env_max else max(8, 4 * (os.cpu_count() or 2))
         )
         if strict_gpu is None:
             strict_gpu = os.environ.get("FLASH_JUPYTER_STRICT_GPU", "") not in ("", "0")
@@ -88,7 +88,9 @@ class LocalProvider:
                 self.free_gpus.difference_update(devices)
                 self.in_use += 1
                 names = {idx: hw.name for idx, _, hw in self.gpus if hw}
-                label = names[devices[0]] + (f" x{config.gpu_count}" if config.gpu_count > 1 else "")
+                label = names[devices[0]] + (
+                    f" x{config.gpu_count}" if config.gpu_count > 1 else ""
+                )
                 return Allocation(label, False, devices)
             if self.strict_gpu:
                 have = ", ".join(n for _, n, _ in self.gpus) or "no NVIDIA GPU"

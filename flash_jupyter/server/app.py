@@ -81,7 +81,7 @@ async def run_server(
     provider = get_provider("local", data_dir=data_dir)
     cp = ControlPlane(store, provider, token=token, wire_addr=(host, wport), spool=str(spool))
     await cp.start()
-    public = {k: info[k] for k in ("spool", "boot_id", "instance", "version")}
+    public = {k: info[k] for k in ("spool", "boot_id", "instance", "version", "wire_port")}
     wire_server = await loop.create_server(lambda: Connection(cp, public).proto, sock=wire_sock)
     runtime = {**info, "token": token}
     paths.write_runtime(runtime, data_dir)
@@ -128,7 +128,7 @@ async def run_server(
     server.should_exit = True
     try:
         await asyncio.wait_for(serve_task, timeout=5)
-    except (asyncio.TimeoutError, Exception):  # noqa: BLE001
+    except (asyncio.TimeoutError, Exception):
         pass
     store.close()
     current = paths.read_runtime(data_dir)
@@ -179,8 +179,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--wire-port", type=int, default=0, help="binary wire port (0: any)")
     p.add_argument("--token", default=os.environ.get("FLASH_JUPYTER_TOKEN"))
     p.add_argument("--data-dir", type=Path, default=None)
-    p.add_argument("--idle-shutdown", type=float, default=None,
-                   help="stop after this many seconds with no workers and no queued jobs")
+    p.add_argument(
+        "--idle-shutdown",
+        type=float,
+        default=None,
+        help="stop after this many seconds with no workers and no queued jobs",
+    )
     p.add_argument("--exit-with-parent", type=int, default=None, metavar="PID")
     p.add_argument("--ready-file", type=Path, default=None)  # fmt: skip
     a = p.parse_args(argv)

@@ -262,7 +262,9 @@ class ControlPlane:
     def job(self, job_id: str, endpoint: str | None = None) -> m.Job:
         job = self.jobs.get(job_id)
         if job is None or (endpoint is not None and job.endpoint != endpoint):
-            raise NotFound(f"no job {job_id!r}" + (f" on endpoint {endpoint!r}" if endpoint else ""))
+            raise NotFound(
+                f"no job {job_id!r}" + (f" on endpoint {endpoint!r}" if endpoint else "")
+            )
         return job
 
     def cancel(self, job_id: str, reason: str = "cancelled") -> m.Job:
@@ -488,7 +490,7 @@ class ControlPlane:
             await asyncio.sleep(TICK)
             try:
                 self._tick()
-            except Exception:  # noqa: BLE001 - the tick must survive anything
+            except Exception:
                 import traceback
 
                 traceback.print_exc()
@@ -648,6 +650,7 @@ class ControlPlane:
             self._fail_queued(ep, str(e))
             return
         if alloc is None:
+            self._reclaim_idle(ep)
             if w.state != m.THROTTLED:
                 w.state = m.THROTTLED
                 w.reason = "waiting for host resources"
@@ -671,6 +674,25 @@ class ControlPlane:
         spec = WorkerSpec(w.id, w.incarnation, cfg, alloc, self.wire_addr, self.token, self.spool)
         asyncio.ensure_future(self._spawn(ep, w, spec))
 
+    def _reclaim_idle(self, wanting: m.EndpointState) -> None:
+        """Free a slot for a throttled start by stopping the longest-idle warm worker of
+        another endpoint (never below that endpoint's min, never a busy one): on one
+        machine, a warm worker nobody calls should not hold up real work."""
+        if any(w.stopping for e in self.endpoints.values() for w in e.workers.values()):
+            return  # a slot is already on its way back
+        best: m.Worker | None = None
+        for e in self.endpoints.values():
+            if e is wanting:
+                continue
+            live = [w for w in e.workers.values() if w.live and not w.stopping]
+            if len(live) <= e.config.workers_min:
+                continue
+            for w in live:
+                if w.ready and not w.jobs and (best is None or w.last_active < best.last_active):
+                    best = w
+        if best is not None:
+            self._stop_worker(best, f"made room for {wanting.name}")
+
     async def _spawn(self, ep: m.EndpointState, w: m.Worker, spec: WorkerSpec) -> None:
         inc = w.incarnation
 
@@ -679,7 +701,7 @@ class ControlPlane:
 
         try:
             handle = await self.provider.start(spec, on_exit)
-        except Exception as e:  # noqa: BLE001 - e.g. a dependency environment failed to build
+        except Exception as e:
             if w.incarnation == inc:
                 msg = f"worker could not start: {e}"
                 self._on_exit(ep, w, inc, msg)
@@ -798,6 +820,9 @@ class ControlPlane:
         if w.allocation is not None:
             self.provider.release(w.allocation)
             w.allocation = None
+            for other in self.endpoints.values():
+                if any(x.state == m.THROTTLED for x in other.workers.values()):
+                    self.kick(other.name)
         if w.start_signal is not None:
             secs = max(1, math.ceil(stopped - w.start_signal))
             price = getattr(w, "price", ep.config.price_per_second)

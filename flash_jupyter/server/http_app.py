@@ -93,7 +93,9 @@ def build_app(cp: ControlPlane, token: str, info: dict[str, Any]) -> Any:
         if not isinstance(body, dict) or "input" not in body:
             raise HTTPError(400, 'body must be a JSON object with an "input" field')
         if not isinstance(body["input"], dict):
-            raise HTTPError(400, '"input" must be a JSON object (the function\'s keyword arguments)')
+            raise HTTPError(
+                400, '"input" must be a JSON object (the function\'s keyword arguments)'
+            )
         return {"input": body["input"]}
 
     # -- liveness and info

@@ -84,7 +84,7 @@ class Connection:
             return
         try:
             handler(meta, bufs)
-        except Exception as e:  # noqa: BLE001 - report, keep serving
+        except Exception as e:
             rid = meta.get("rid")
             jid = meta.get("id")
             if rid is not None:

@@ -38,7 +38,9 @@ class Worker:
     def __init__(self, conn: SyncConnection, spec: dict[str, Any]):
         self.conn = conn
         self.spec = spec
-        self.spool = spec.get("spool") if spec.get("spool") and os.path.isdir(spec["spool"]) else None
+        self.spool = (
+            spec.get("spool") if spec.get("spool") and os.path.isdir(spec["spool"]) else None
+        )
         self.inbox: queue.SimpleQueue[tuple[dict[str, Any], list[Any]] | None] = queue.SimpleQueue()
         self.fns: OrderedDict[str, Any] = OrderedDict()
         self.instances: dict[tuple[str, str], Any] = {}
@@ -215,7 +217,7 @@ class Worker:
             raise
         except KeyboardInterrupt:
             raise Cancelled() from None
-        except BaseException as e:  # noqa: BLE001 - everything goes back to the caller
+        except BaseException as e:
             info = wire.capture_exception(e, skip_frames=_own_frames(e))
             if isinstance(e, VersionMismatch):
                 info["frames"], info["traceback"] = [], f"VersionMismatch: {e}\n"

@@ -1,0 +1,179 @@
+"""``flash-jupyter``: run and inspect the control plane from a shell.
+
+flash-jupyter serve [--host H --port P --token T --data-dir D]   foreground control plane
+flash-jupyter start | shutdown                                   the machine-local one
+flash-jupyter env                                                export lines for curl
+flash-jupyter status [NAME]                                      endpoints, workers, cost
+flash-jupyter logs NAME [--tail N]
+flash-jupyter scale NAME MIN,MAX | stop NAME | delete NAME
+flash-jupyter billing
+flash-jupyter build --deps a,b                                   prebuild an environment
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from . import __version__, paths
+
+
+def _client() -> Any:
+    from .client import get_client
+
+    return get_client()
+
+
+def _table(rows: list[list[str]], head: list[str]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*head), *(fmt.format(*map(str, r)) for r in rows)])
+
+
+def format_status(endpoints: list[dict[str, Any]], billing: dict[str, Any] | None = None) -> str:
+    """A text dashboard: one block per endpoint, one line per worker slot."""
+    if not endpoints:
+        return "no endpoints yet"
+    out = []
+    for ep in endpoints:
+        c = ep["config"]
+        h = ep["health"]
+        est = " (estimate: emulated on CPU)" if ep.get("emulated") else ""
+        out.append(
+            f"{ep['name']}  {ep['hardware']}  workers {c['workers_min']}..{c['workers_max']}  "
+            f"idle_timeout {c['idle_timeout']:g}s  jobs: {h['jobs']['inQueue']} queued, "
+            f"{h['jobs']['inProgress']} running, {h['jobs']['completed']} done, "
+            f"{h['jobs']['failed']} failed, {h['jobs']['retried']} retried  "
+            f"cost ${ep['cost']:.6f}{est}"
+        )
+        rows = [
+            [
+                w["id"],
+                w["state"],
+                w["hardware"],
+                "busy" if w["busy"] else "",
+                "" if w["cold_start_ms"] is None else f"{w['cold_start_ms']:.0f} ms",
+                f"{w['billed_seconds']} s",
+                w["reason"],
+            ]
+            for w in ep["workers"]
+        ]
+        out.append(
+            "  "
+            + _table(
+                rows, ["worker", "state", "hardware", "", "cold start", "billed", "note"]
+            ).replace("\n", "\n  ")  # fmt: skip
+        )
+    if billing:
+        tag = " (estimate at list price)" if billing.get("estimate") else ""
+        out.append(f"total ${billing['total']:.6f}{tag}; prices as of {billing['prices_as_of']}")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "serve":
+        from .server.app import main as serve_main
+
+        serve_main(argv[1:])
+        return 0
+    p = argparse.ArgumentParser(prog="flash-jupyter", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--version", action="version", version=__version__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("serve", help="run the control plane in the foreground (see serve --help)")
+    sub.add_parser("start", help="start the machine-local control plane (detached)")
+    sub.add_parser("shutdown", help="stop the machine-local control plane")
+    sub.add_parser("env", help="print FLASH_JUPYTER_URL and FLASH_JUPYTER_TOKEN exports")
+    s = sub.add_parser("status", help="endpoints, workers, states and cost")
+    s.add_argument("name", nargs="?")
+    s.add_argument("--json", action="store_true")
+    s = sub.add_parser("logs", help="recent output of an endpoint")
+    s.add_argument("name")
+    s.add_argument("--tail", type=int, default=100)
+    s = sub.add_parser("scale", help="set an endpoint's workers min,max")
+    s.add_argument("name")
+    s.add_argument("workers", help="MIN,MAX")
+    s = sub.add_parser("stop", help="scale an endpoint to zero now")
+    s.add_argument("name")
+    s = sub.add_parser("delete", help="delete an endpoint (cancels its queue)")
+    s.add_argument("name")
+    sub.add_parser("billing", help="what has been billed, per endpoint")
+    s = sub.add_parser("build", help="build a dependency environment ahead of time")
+    s.add_argument("--deps", required=True, help="comma-separated pip requirements")
+    a = p.parse_args(argv)
+
+    if a.cmd == "start":
+        from .client import start_local
+
+        info = start_local()
+        print(f"control plane at {info['url']} (pid {info['pid']})")
+        return 0
+    if a.cmd == "shutdown":
+        info = paths.read_runtime()
+        if not info:
+            print("no control plane is running")
+            return 0
+        pid = int(info["pid"])
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            print("no control plane is running")
+            return 0
+        for _ in range(200):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        print(f"stopped control plane (pid {pid})")
+        return 0
+    if a.cmd == "env":
+        c = _client()
+        print(f"export FLASH_JUPYTER_URL={c.url}")
+        print(f"export FLASH_JUPYTER_TOKEN={c.token}")
+        return 0
+    if a.cmd == "build":
+        from .providers.environments import ensure_environment
+
+        deps = tuple(d for d in a.deps.split(",") if d)
+        t = time.monotonic()
+        py = ensure_environment(paths.home(), deps)
+        print(f"environment ready in {time.monotonic() - t:.1f} s: {py}")
+        return 0
+
+    from .errors import FlashError
+
+    c = _client()
+    try:
+        if a.cmd == "status":
+            eps = [c.endpoint(a.name)] if a.name else c.endpoints()
+            if a.json:
+                print(json.dumps(eps, indent=2))
+            else:
+                print(format_status(eps, None if a.name else c.billing()))
+        elif a.cmd == "logs":
+            for e in c.logs(a.name, a.tail):
+                sys.stdout.write(e["text"])
+        elif a.cmd == "scale":
+            lo, _, hi = a.workers.partition(",")
+            print(json.dumps(c.scale(a.name, int(lo), int(hi or lo))))
+        elif a.cmd == "stop":
+            print(json.dumps(c.stop(a.name)))
+        elif a.cmd == "delete":
+            print(json.dumps(c.delete(a.name)))
+        elif a.cmd == "billing":
+            print(json.dumps(c.billing(), indent=2))
+    except FlashError as e:
+        print(f"flash-jupyter: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""Calling endpoints from Python: values, closures, output, submit/map, async, classes."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from flash_jupyter import Endpoint
+
+SCALE = 3
+
+
+def helper(x):
+    return x * SCALE
+
+
+def test_square_example(client, name, capsys):
+    @Endpoint(name=name, gpu="A100", workers=(0, 2), idle_timeout=5)
+    def square(x):
+        print("working on", x)
+        return helper(x) ** 2
+
+    assert square(4) == 144
+    assert "working on 4" in capsys.readouterr().out
+
+    job = square.submit(5)
+    assert len(job.id) >= 16
+    assert job.result(timeout=30) == 225
+    assert job.status() == "COMPLETED"
+    info = job.info()
+    assert info["workerId"].startswith(name)
+    assert info["executionTime"] >= 0 and info["delayTime"] >= 0
+
+    assert square.map(range(100)) == [(3 * i) ** 2 for i in range(100)]
+
+
+def test_globals_are_taken_at_call_time(client, name):
+    import __main__
+
+    exec("OFFSET = 10\ndouble = lambda y: y * 2\ndef fn(x):\n    return double(x) + OFFSET\n",
+         __main__.__dict__)  # fmt: skip
+    try:
+        remote = Endpoint(name=name)(__main__.fn)
+        assert remote(1) == 12
+        __main__.OFFSET = 20
+        assert remote(1) == 22
+    finally:
+        for k in ("OFFSET", "double", "fn"):
+            __main__.__dict__.pop(k, None)
+
+
+def test_notebook_class_and_lambda_travel_by_value(client, name):
+    class Acc:
+        def __init__(self, k):
+            self.k = k
+
+        def add(self, v):
+            return self.k + v
+
+    f = lambda a: Acc(a).add(1)  # noqa: E731
+
+    @Endpoint(name=name)
+    def use(a):
+        return f(a), type(Acc(0)).__name__
+
+    assert use(41) == (42, "Acc")
+
+
+def test_output_streams_while_job_runs(client, name):
+    @Endpoint(name=name)
+    def slow():
+        print("before", flush=True)
+        time.sleep(1.5)
+        print("after")
+        return "done"
+
+    slow()  # warm the worker: this test is about streaming, not cold start
+    seen: list[tuple[float, str]] = []
+
+    class Recorder(io.TextIOBase):
+        def write(self, s):
+            seen.append((time.monotonic(), s))
+            return len(s)
+
+    job = slow.submit()
+    old = sys.stdout
+    sys.stdout = Recorder()
+    try:
+        assert job.result(timeout=30) == "done"
+        t_end = time.monotonic()
+    finally:
+        sys.stdout = old
+    text = "".join(s for _, s in seen)
+    assert "before" in text and "after" in text
+    t_before = next(t for t, s in seen if "before" in s)
+    # "before" arrived at least a second before the job ended: it streamed.
+    assert t_end - t_before > 1.0
+
+
+def test_stderr_streams_too(client, name, capsys):
+    @Endpoint(name=name)
+    def warn():
+        print("careful", file=sys.stderr)
+        return 1
+
+    assert warn() == 1
+    assert "careful" in capsys.readouterr().err
+
+
+def test_async_def_gives_awaitable(client, name):
+    @Endpoint(name=name)
+    async def add(a, b):
+        await asyncio.sleep(0.01)
+        return a + b
+
+    async def main():
+        aw = add(2, 3)
+        assert asyncio.iscoroutine(aw)
+        return await aw, await asyncio.gather(add(1, 1), add(2, 2))
+
+    assert asyncio.run(main()) == (5, [2, 4])
+
+
+def test_blocking_call_inside_running_loop(client, name):
+    """A notebook kernel runs an event loop; a plain call must still block and return."""
+
+    @Endpoint(name=name)
+    def inc(x):
+        return x + 1
+
+    async def main():
+        return inc(1)
+
+    assert asyncio.run(main()) == 2
+
+
+def test_class_constructed_once_per_worker(client, name):
+    @Endpoint(name=name, workers=1)
+    class Counter:
+        def __init__(self, start):
+            import os
+
+            self.n = start
+            self.pid = os.getpid()
+
+        def bump(self):
+            self.n += 1
+            return self.n, self.pid
+
+    c = Counter(10)
+    first = c.bump()
+    second = c.bump()
+    assert first[0] == 11 and second[0] == 12
+    assert first[1] == second[1]
+    other = Counter(100)  # different constructor arguments: another instance
+    assert other.bump()[0] == 101
+
+
+def test_submit_status_and_cancel_handle(client, name):
+    @Endpoint(name=name)
+    def nap(t):
+        time.sleep(t)
+        return t
+
+    job = nap.submit(0.2)
+    assert job.status() in ("IN_QUEUE", "IN_PROGRESS", "COMPLETED")
+    assert job.result(timeout=30) == 0.2
+    assert job.done()
+
+
+def test_large_arrays_round_trip(client, name):
+    @Endpoint(name=name)
+    def twice(a):
+        a *= 2  # inputs arrive writable, like local arguments
+        return a
+
+    arr = np.arange(5_000_000, dtype=np.float64)  # 40 MB: out-of-band, shared memory
+    out = twice(arr)
+    assert out.dtype == np.float64 and out.shape == arr.shape
+    assert np.array_equal(out, arr * 2)
+    assert arr[1] == 1.0  # the caller's array is untouched
+    out[0] = 5  # results are writable too
+
+
+def test_bytes_and_small_arrays(client, name):
+    @Endpoint(name=name)
+    def echo(*a):
+        return a
+
+    small = np.ones(10)
+    big = b"x" * (2 << 20)
+    r = echo(small, big, {"k": [1, 2]})
+    assert np.array_equal(r[0], small) and r[1] == big and r[2] == {"k": [1, 2]}
+
+
+def test_concurrent_callers_from_threads(client, name):
+    @Endpoint(name=name, workers=2)
+    def ident(x):
+        return x
+
+    results = {}
+
+    def run(i):
+        results[i] = ident(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert results == {i: i for i in range(8)}
+
+
+def test_local_runs_here(client, name):
+    @Endpoint(name=name)
+    def where():
+        import os
+
+        return os.getpid()
+
+    import os
+
+    assert where.local() == os.getpid()
+    assert where() != os.getpid()
+
+
+@pytest.mark.parametrize("n", [0, 1])
+def test_map_edge_sizes(client, name, n):
+    @Endpoint(name=name)
+    def neg(x):
+        return -x
+
+    assert neg.map(range(n)) == [-i for i in range(n)]
