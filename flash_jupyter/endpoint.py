@@ -19,6 +19,7 @@ import functools
 import hashlib
 import inspect
 import os
+import queue
 import sys
 import sysconfig
 import time
@@ -102,11 +103,14 @@ class Job:
         deadline = None if timeout is None else time.monotonic() + timeout
         ev = self._state.events
         while True:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            left = 0.2 if deadline is None else min(0.2, deadline - time.monotonic())
             try:
-                kind, data = ev.get(timeout=left)
-            except Exception:  # queue.Empty
-                raise TimeoutError(f"job {self.id} not done after {timeout:g} s") from None
+                # Short slices: a pending interrupt is handled within 0.2 s.
+                kind, data = ev.get(timeout=max(0.0, left))
+            except queue.Empty:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(f"job {self.id} not done after {timeout:g} s") from None
+                continue
             if kind == "out":
                 stream, text = data
                 out = sys.stderr if stream == "stderr" else sys.stdout

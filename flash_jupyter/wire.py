@@ -13,9 +13,12 @@ The control plane never unpickles these payloads: it stores and forwards bytes.
 from __future__ import annotations
 
 import io
+import linecache
 import pickle
 import sys
 import traceback
+import types
+from collections import ChainMap
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +67,29 @@ def check_stamp(theirs: dict[str, str], who: str = "the caller") -> None:
         )
 
 
+def _code_reduce_keep_filename(obj: types.CodeType) -> tuple:
+    # cloudpickle 3.1 writes "<dynamic-code>" as every by-value function's file name;
+    # remote tracebacks need the real one (the caller fills in source lines from it).
+    fn, args = _cp_code_reduce(obj)
+    return fn, tuple(obj.co_filename if a == "<dynamic-code>" else a for a in args)
+
+
+_cp_code_reduce = getattr(cloudpickle.cloudpickle, "_code_reduce", None)
+
+
+class _Pickler(cloudpickle.Pickler):
+    if _cp_code_reduce is not None:
+        dispatch_table = ChainMap(
+            {types.CodeType: _code_reduce_keep_filename}, cloudpickle.Pickler.dispatch_table
+        )
+
+
+def _cp_dumps(obj: Any, buffer_callback: Any) -> bytes:
+    with io.BytesIO() as f:
+        _Pickler(f, protocol=5, buffer_callback=buffer_callback).dump(obj)
+        return f.getvalue()
+
+
 def _buffer_callback(out: list[memoryview]):
     def cb(buf: pickle.PickleBuffer) -> bool:
         raw = buf.raw()
@@ -79,7 +105,7 @@ def dumps(obj: Any, *, what: str = "value") -> Payload:
     """Pickle ``obj``; on failure raise SerializationError naming the culprit."""
     bufs: list[memoryview] = []
     try:
-        data = cloudpickle.dumps(obj, protocol=5, buffer_callback=_buffer_callback(bufs))
+        data = _cp_dumps(obj, _buffer_callback(bufs))
         return Payload(data, bufs)
     except Exception as first:
         try:
@@ -104,7 +130,7 @@ def loads(data: bytes | memoryview, buffers: list[Any] = (), codec: str = "cloud
 
 def _picklable(obj: Any) -> bool:
     try:
-        cloudpickle.dumps(obj, protocol=5, buffer_callback=lambda b: False)
+        _cp_dumps(obj, lambda b: False)
         return True
     except Exception:
         try:
@@ -201,6 +227,7 @@ def capture_exception(exc: BaseException, skip_frames: int = 0) -> dict[str, Any
     )
     t = type(exc)
     info: dict[str, Any] = {
+        "exc_text": "".join(traceback.format_exception_only(type(exc), exc)),
         "type": f"{t.__module__}.{t.__qualname__}" if t.__module__ != "builtins" else t.__name__,
         "message": str(exc),
         "traceback": text,
@@ -209,7 +236,7 @@ def capture_exception(exc: BaseException, skip_frames: int = 0) -> dict[str, Any
     }
     try:
         exc.__traceback__ = None
-        blob = cloudpickle.dumps(exc, protocol=5)
+        blob = _cp_dumps(exc, None)
         pickle.loads(blob)  # must round-trip here, or it will not on the caller either
         info["exc"] = blob
     except Exception:
@@ -226,12 +253,31 @@ def rebuild_exception(info: dict[str, Any], where: str = "") -> BaseException:
         except Exception:
             exc = None
     if not isinstance(exc, BaseException):
-        exc = errors.RemoteError(info["type"], info["message"], info["traceback"])
-    tb = errors.RemoteTraceback(info["traceback"], where)
+        exc = errors.RemoteError(info["type"], info["message"], render_traceback(info))
+    text = render_traceback(info)
+    tb = errors.RemoteTraceback(text, where)
     exc.__cause__ = tb
     try:
-        exc.remote_traceback = info["traceback"]  # type: ignore[attr-defined]
+        exc.remote_traceback = text  # type: ignore[attr-defined]
         exc.remote_frames = info.get("frames", [])  # type: ignore[attr-defined]
     except AttributeError:
         pass
     return exc
+
+
+def render_traceback(info: dict[str, Any]) -> str:
+    """The remote traceback, with source lines the worker could not read (code defined in
+    a notebook cell lives in the caller's linecache) filled in from here."""
+    frames = info.get("frames")
+    if not frames:
+        return info.get("traceback", "")
+    summary = traceback.StackSummary.from_list(
+        [
+            (f["filename"], f["lineno"], f["name"],
+             f["line"] or linecache.getline(f["filename"], f["lineno"]).strip())
+            for f in frames
+        ]
+    )  # fmt: skip
+    tail = info["traceback"].splitlines(keepends=True)
+    exc_text = info.get("exc_text") or (tail[-1] if tail else "")
+    return "".join(summary.format()) + exc_text

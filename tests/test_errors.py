@@ -1,0 +1,189 @@
+"""Bad input and remote failures: clear errors, original types, nothing sent by mistake."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+
+from flash_jupyter import (
+    ConfigError,
+    Endpoint,
+    RemoteError,
+    SerializationError,
+    VersionMismatch,
+    wire,
+)
+
+
+class NotebookError(Exception):
+    """An exception type defined by the user (here: in this module)."""
+
+
+def test_remote_exception_keeps_type_and_traceback(client, name):
+    @Endpoint(name=name)
+    def boom(x):
+        if x > 1:
+            raise ValueError(f"x too big: {x}")
+        return x
+
+    with pytest.raises(ValueError, match="x too big: 5") as ei:
+        boom(5)
+    exc = ei.value
+    tb = exc.remote_traceback
+    assert 'raise ValueError(f"x too big: {x}")' in tb  # the source line
+    assert "test_errors.py" in tb and "in boom" in tb  # file and function
+    assert "flash_jupyter/worker" not in tb  # the worker's own frames are hidden
+    assert f"endpoint {name}" in str(exc.__cause__)  # shown in "The above exception ..."
+
+
+def test_user_defined_exception_type_round_trips(client, name):
+    @Endpoint(name=name)
+    def fail():
+        raise NotebookError("custom")
+
+    with pytest.raises(NotebookError, match="custom"):
+        fail()
+
+
+def test_unpicklable_exception_becomes_remote_error(client, name):
+    @Endpoint(name=name)
+    def fail():
+        import threading
+
+        class Odd(Exception):
+            def __init__(self, msg):
+                super().__init__(msg)
+                self.lock = threading.Lock()  # makes the instance unpicklable
+
+            def __reduce__(self):
+                raise TypeError("no")
+
+        raise Odd("strange")
+
+    with pytest.raises(RemoteError) as ei:
+        fail()
+    assert "Odd" in ei.value.type_name and ei.value.message == "strange"
+    assert "raise Odd" in ei.value.traceback
+
+
+def _health(client, name):
+    return client.health(name)["jobs"]
+
+
+def test_unpicklable_argument_named_before_sending(client, name):
+    @Endpoint(name=name)
+    def take(a, b=None):
+        return 1
+
+    assert take(1) == 1
+    before = _health(client, name)
+    gen = (i for i in range(3))
+    with pytest.raises(SerializationError) as ei:
+        take(1, b=gen)
+    msg = str(ei.value)
+    assert "keyword argument 'b'" in msg and "generator" in msg
+    with pytest.raises(SerializationError, match="argument 0 .*generator"):
+        take(gen)
+    after = _health(client, name)
+    assert after == before  # nothing was queued
+
+
+SOCK = socket.socket()
+
+
+def test_unpicklable_global_named(client, name):
+    @Endpoint(name=name)
+    def uses_global():
+        return SOCK.fileno()
+
+    with pytest.raises(SerializationError) as ei:
+        uses_global()
+    msg = str(ei.value)
+    assert "'SOCK'" in msg and "socket" in msg
+
+
+def test_version_mismatch_is_one_plain_sentence(client, name, monkeypatch):
+    @Endpoint(name=name)
+    def f():
+        return 1
+
+    assert f() == 1
+    # This caller claims another Python minor version: the worker must refuse plainly.
+    monkeypatch.setattr(wire, "PY_VERSION", "3.99")
+    with pytest.raises(VersionMismatch) as ei:
+        f()
+    msg = str(ei.value)
+    assert "Python 3.99" in msg and "same minor version" in msg
+
+
+def test_serializer_mismatch(client, name, monkeypatch):
+    @Endpoint(name=name)
+    def f():
+        return 1
+
+    monkeypatch.setattr(wire, "SERIALIZER_MAJOR", "0")
+    with pytest.raises(VersionMismatch, match="cloudpickle 0.x"):
+        f()
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"idle_timeout": 0}, "between 1 and 3600"),
+        ({"idle_timeout": 4000}, "between 1 and 3600"),
+        ({"workers": (3, 1)}, "must not exceed max"),
+        ({"workers": (-1, 2)}, "0 <= min"),
+        ({"gpu": "A1000"}, "known: .*A100.*H100"),
+        ({"gpu": "A100", "cpu": "cpu3c-2-4"}, "not both"),
+        ({"cpu": "big"}, "unknown CPU"),
+        ({"gpu_count": 0}, "gpu_count"),
+        ({"execution_timeout": -1}, "execution_timeout"),
+        ({"env": {"K": 1}}, "env must map"),
+    ],
+)
+def test_bad_config_fails_at_decoration(kw, message):
+    with pytest.raises(ConfigError, match=message):
+        Endpoint(name="x", **kw)
+
+
+def test_bad_name_fails_at_decoration():
+    with pytest.raises(ConfigError, match="not valid"):
+        Endpoint(name="no spaces allowed")
+    with pytest.raises(ConfigError, match="name="):
+        Endpoint()(lambda: 1)
+
+
+def test_wrong_token_on_the_wire(server, monkeypatch):
+    from flash_jupyter import AuthError
+    from flash_jupyter import client as fj_client
+
+    monkeypatch.setenv("FLASH_JUPYTER_URL", server.url)
+    monkeypatch.setenv("FLASH_JUPYTER_TOKEN", "wrong")
+    fj_client.reset_client()
+    with pytest.raises(AuthError):
+        fj_client.get_client()
+    fj_client.reset_client()
+
+
+def test_interrupting_the_wait_cancels_the_remote_job(client, name):
+    import os
+    import signal
+    import time
+
+    @Endpoint(name=name)
+    def long():
+        import time
+
+        time.sleep(30)
+
+    long.deploy()
+    job = long.submit()
+    # What a kernel interrupt (the stop button) does: SIGINT to this process.
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+    t = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        job.result(timeout=20)
+    assert time.monotonic() - t < 5
+    assert job.status() == "CANCELLED"
