@@ -15,20 +15,59 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .config import EndpointConfig
-from .endpoint import Endpoint, Job, RemoteClass, RemoteFunction
-from .errors import (
-    AuthError,
-    ConfigError,
-    ControlPlaneError,
-    FlashError,
-    JobCancelled,
-    JobFailed,
-    JobTimedOut,
-    RemoteError,
-    SerializationError,
-    VersionMismatch,
-)
+from typing import TYPE_CHECKING
+
+# The public names load on first use, so a worker process (which imports only the wire
+# modules) and `import flash_jupyter` in a notebook both stay fast.
+_EXPORTS = {
+    "EndpointConfig": "config",
+    "Endpoint": "endpoint",
+    "Job": "endpoint",
+    "RemoteClass": "endpoint",
+    "RemoteFunction": "endpoint",
+    "AuthError": "errors",
+    "ConfigError": "errors",
+    "ControlPlaneError": "errors",
+    "FlashError": "errors",
+    "JobCancelled": "errors",
+    "JobFailed": "errors",
+    "JobTimedOut": "errors",
+    "RemoteError": "errors",
+    "SerializationError": "errors",
+    "VersionMismatch": "errors",
+}
+
+if TYPE_CHECKING:
+    from .config import EndpointConfig
+    from .endpoint import Endpoint, Job, RemoteClass, RemoteFunction
+    from .errors import (
+        AuthError,
+        ConfigError,
+        ControlPlaneError,
+        FlashError,
+        JobCancelled,
+        JobFailed,
+        JobTimedOut,
+        RemoteError,
+        SerializationError,
+        VersionMismatch,
+    )
+
+
+def __getattr__(name: str):
+    mod = _EXPORTS.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'flash_jupyter' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{mod}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
 
 __all__ = [
     "AuthError",

@@ -19,11 +19,9 @@ import itertools
 import json
 import os
 import queue
-import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -71,9 +69,12 @@ def start_local(data_dir: Path | None = None, extra_args: list[str] = ()) -> dic
             if conn is not None:
                 conn.close()
                 return info
+        import subprocess
+
         log = open(data_dir / "server.log", "ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", "flash_jupyter.server", "--data-dir", str(data_dir),
+             "--idle-shutdown", os.environ.get("FLASH_JUPYTER_IDLE_SHUTDOWN", "3600"),
              *extra_args],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
             close_fds=True,
@@ -301,7 +302,7 @@ class Client:
         return answer
 
     def submit(self, endpoint: str, fn: wire.Payload, call: wire.Payload) -> JobState:
-        jid = uuid.uuid4().hex
+        jid = os.urandom(16).hex()
         blobs = shm.blobs_for(call.data, call.buffers, self.spool)
         meta: dict[str, Any] = {"op": "submit", "id": jid, "ep": endpoint, "c": call.codec,
                                 "stamp": wire.stamp()}  # fmt: skip

@@ -14,15 +14,14 @@ notebook's globals as they are now, not as they were when it was decorated.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import hashlib
-import inspect
 import os
 import queue
 import sys
 import sysconfig
 import time
+import types
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -32,6 +31,7 @@ from . import errors, wire
 from .client import Client, JobState, get_client
 from .config import EndpointConfig
 
+_CO_COROUTINE = 0x80  # inspect.CO_COROUTINE, without importing inspect
 _TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
 _by_value_done: set[str] = set()
 
@@ -166,7 +166,7 @@ class _Remote:
         client = get_client()
         if self._deployed_by != (id(client), self.config.config_hash):
             handler = None
-            if inspect.isfunction(self._target):
+            if isinstance(self._target, types.FunctionType):
                 _ship_module_by_value(self._target)
                 handler = wire.dumps(self._target, what=f"function {self.name!r}")
             client.deploy(self.config.to_dict(), handler)
@@ -178,7 +178,7 @@ class _Remote:
         self._deployed_by = None
         client = get_client()
         handler = None
-        if inspect.isfunction(self._target):
+        if isinstance(self._target, types.FunctionType):
             _ship_module_by_value(self._target)
             handler = wire.dumps(self._target, what=f"function {self.name!r}")
         answer = client.deploy(self.config.to_dict(), handler)
@@ -263,6 +263,8 @@ class RemoteAsyncFunction(RemoteFunction):
         return self._acall(args, kwargs)
 
     async def _acall(self, args: tuple, kwargs: dict) -> Any:
+        import asyncio
+
         loop = asyncio.get_running_loop()
         job = await loop.run_in_executor(None, lambda: self.submit(*args, **kwargs))
         fut = loop.create_future()
@@ -404,9 +406,9 @@ class Endpoint:
         if not name or name == "<lambda>":
             raise errors.ConfigError("give the endpoint a name= (lambdas have none)")
         config = EndpointConfig.build(name, **self._kw)
-        if inspect.isclass(target):
+        if isinstance(target, type):
             return RemoteClass(target, config)
-        if inspect.iscoroutinefunction(target):
+        if getattr(getattr(target, "__code__", None), "co_flags", 0) & _CO_COROUTINE:
             return RemoteAsyncFunction(target, config)
         if callable(target):
             return RemoteFunction(target, config)

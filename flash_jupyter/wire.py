@@ -19,7 +19,6 @@ import sys
 import traceback
 import types
 from collections import ChainMap
-from dataclasses import dataclass, field
 from typing import Any
 
 import cloudpickle
@@ -33,13 +32,16 @@ SERIALIZER = f"cloudpickle {cloudpickle.__version__}"
 SERIALIZER_MAJOR = cloudpickle.__version__.split(".")[0]
 
 
-@dataclass
 class Payload:
     """A pickled object: the pickle stream plus its out-of-band buffers."""
 
-    data: bytes
-    buffers: list[memoryview] = field(default_factory=list)
-    codec: str = "cloudpickle"  # or "dill"
+    __slots__ = ("buffers", "codec", "data")
+
+    def __init__(self, data: bytes, buffers: list[memoryview] | None = None,
+                 codec: str = "cloudpickle"):  # fmt: skip
+        self.data = data
+        self.buffers = buffers or []
+        self.codec = codec  # or "dill"
 
     @property
     def nbytes(self) -> int:
@@ -206,14 +208,6 @@ def describe_unpicklable(obj: Any, what: str, exc: BaseException) -> str:
 # ---------------------------------------------------------------- exceptions
 
 
-@dataclass
-class RemoteFrame:
-    filename: str
-    lineno: int
-    name: str
-    line: str
-
-
 def capture_exception(exc: BaseException, skip_frames: int = 0) -> dict[str, Any]:
     """Turn a worker-side exception into something the caller can rebuild.
 
@@ -221,7 +215,10 @@ def capture_exception(exc: BaseException, skip_frames: int = 0) -> dict[str, Any
     defined in the notebook); its type name, message and traceback always do.
     """
     tb = traceback.extract_tb(exc.__traceback__)[skip_frames:]
-    frames = [RemoteFrame(f.filename, f.lineno or 0, f.name, f.line or "") for f in tb]
+    frames = [
+        {"filename": f.filename, "lineno": f.lineno or 0, "name": f.name, "line": f.line or ""}
+        for f in tb
+    ]
     text = "".join(traceback.format_list(tb)) + "".join(
         traceback.format_exception_only(type(exc), exc)
     )
@@ -231,7 +228,7 @@ def capture_exception(exc: BaseException, skip_frames: int = 0) -> dict[str, Any
         "type": f"{t.__module__}.{t.__qualname__}" if t.__module__ != "builtins" else t.__name__,
         "message": str(exc),
         "traceback": text,
-        "frames": [f.__dict__ for f in frames],
+        "frames": frames,
         "exc": None,
     }
     try:

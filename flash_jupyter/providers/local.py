@@ -26,6 +26,9 @@ from ..config import EndpointConfig
 from .base import Allocation, PlacementError, WorkerSpec
 from .environments import ensure_environment
 
+SPARE_DELAY = 0.5  # seconds after an adoption before the next spare starts
+SPARE_WAIT = 2.0  # at most this long for a spare that is starting up
+
 
 def detect_gpus() -> list[tuple[int, str, catalog.HardwareType | None]]:
     """(index, nvidia-smi name, catalogue type) for each NVIDIA GPU on this host."""
@@ -70,6 +73,15 @@ class LocalProvider:
         self.gpus = detect_gpus() if gpus is None else gpus
         self.free_gpus = {idx for idx, _, _ in self.gpus}
         self.in_use = 0
+        spare = os.environ.get("FLASH_JUPYTER_SPARE_WORKERS", "1")
+        self.spare_workers = spare not in ("", "0")
+        self._spare_proc: Any = None
+        self._spare_conn: Any = None
+        self._spare_pending: Any = None
+        self._spare_ready: Any = None  # an asyncio.Event, made on the loop
+        self._closing = False
+        self._wire: tuple[str, int] = ("127.0.0.1", 0)
+        self._token = ""
 
     # -- placement
     def _gpu_indices_for(self, types: tuple[str, ...]) -> list[int]:
@@ -110,31 +122,112 @@ class LocalProvider:
         self.free_gpus.update(allocation.devices)
 
     # -- processes
+    async def prepare(self, wire: tuple[str, int], token: str) -> None:
+        """Keep one spare worker process ready (imports done, connected, no endpoint yet).
+
+        A cold start of an endpoint without dependencies adopts it: the spare applies the
+        endpoint's environment variables and GPU assignment, and is a worker in
+        milliseconds instead of the 100+ ms a fresh interpreter needs. Runpod's FlashBoot
+        plays the same role. ``FLASH_JUPYTER_SPARE_WORKERS=0`` turns it off.
+        """
+        self._wire, self._token = wire, token
+        if self.spare_workers:
+            await self._spawn_spare()
+
+    async def _spawn_spare(self) -> None:
+        self._spare_pending = None
+        if self._spare_proc is not None or self._closing:
+            return
+        env = dict(os.environ)
+        env["FLASH_JUPYTER_WORKER"] = json.dumps(
+            {"spare": True, "host": self._wire[0], "port": self._wire[1]}
+        )
+        env["FLASH_JUPYTER_WORKER_TOKEN"] = self._token
+        self._spare_ready = asyncio.Event()
+        proc = await self._exec(sys.executable, env)
+        self._spare_proc = proc
+
+        def spare_exit(rc: int | None, reason: str) -> None:
+            if self._spare_proc is proc:
+                self._spare_proc = self._spare_conn = None
+                self._spare_ready.set()  # nobody waits for a dead spare
+
+        proc._flash_on_exit = spare_exit  # type: ignore[attr-defined]
+
+    def spare_ready(self, pid: int, conn: Any) -> bool:
+        """The spare process connected; ``conn`` is how it will be told its endpoint."""
+        if self._spare_proc is not None and self._spare_proc.pid == pid:
+            self._spare_conn = conn
+            self._spare_ready.set()
+            return True
+        return False
+
+    def spare_lost(self, conn: Any) -> None:
+        if self._spare_conn is conn:
+            self._spare_conn = None
+            if self._spare_proc is not None:
+                self.kill(self._spare_proc)
+
+    def close(self) -> None:
+        self._closing = True
+        if self._spare_proc is not None:
+            self.kill(self._spare_proc)
+
+    def _replenish_spare(self) -> None:
+        # Later, not now: the new interpreter would compete with the job just adopted.
+        if self.spare_workers and self._spare_pending is None and not self._closing:
+            loop = asyncio.get_running_loop()
+            self._spare_pending = loop.call_later(
+                SPARE_DELAY, lambda: asyncio.ensure_future(self._spawn_spare())
+            )
+
     async def start(
         self, spec: WorkerSpec, on_exit: Callable[[int | None, str], Awaitable[None] | None]
     ) -> Any:
         cfg = spec.config
+        worker = {
+            "id": spec.worker_id,
+            "incarnation": spec.incarnation,
+            "endpoint": cfg.name,
+            "host": spec.wire[0],
+            "port": spec.wire[1],
+            "hardware": spec.allocation.hardware,
+            "max_concurrency": cfg.max_concurrency,
+            "spool": spec.spool,
+        }
+        user_env = dict(cfg.env)
+        user_env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in spec.allocation.devices)
+        needs_env = bool(cfg.dependencies or cfg.system_dependencies)
+        if not needs_env and self._spare_proc is not None and self._spare_conn is None:
+            # A spare is on its way (just after start-up): it will be ready before a fresh
+            # interpreter would be.
+            try:
+                await asyncio.wait_for(self._spare_ready.wait(), SPARE_WAIT)
+            except asyncio.TimeoutError:
+                pass
+        if not needs_env and self._spare_conn is not None:
+            proc, conn = self._spare_proc, self._spare_conn
+            self._spare_proc = self._spare_conn = None
+            self._spare_ready = asyncio.Event()
+            proc._flash_on_exit = on_exit  # type: ignore[attr-defined]
+            conn.send({"op": "assign", "env": user_env, "spec": worker})
+            self._replenish_spare()
+            return proc
         python = sys.executable
-        if cfg.dependencies or cfg.system_dependencies:
+        if needs_env:
             python = await asyncio.get_running_loop().run_in_executor(
                 None, ensure_environment, self.data_dir, cfg.dependencies, cfg.system_dependencies
             )
         env = dict(os.environ)
-        env.update(cfg.env)
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in spec.allocation.devices)
-        env["FLASH_JUPYTER_WORKER"] = json.dumps(
-            {
-                "id": spec.worker_id,
-                "incarnation": spec.incarnation,
-                "endpoint": cfg.name,
-                "host": spec.wire[0],
-                "port": spec.wire[1],
-                "hardware": spec.allocation.hardware,
-                "max_concurrency": cfg.max_concurrency,
-                "spool": spec.spool,
-            }
-        )
+        env.update(user_env)
+        env["FLASH_JUPYTER_WORKER"] = json.dumps(worker)
         env["FLASH_JUPYTER_WORKER_TOKEN"] = spec.token
+        proc = await self._exec(python, env)
+        proc._flash_on_exit = on_exit  # type: ignore[attr-defined]
+        self._replenish_spare()
+        return proc
+
+    async def _exec(self, python: str, env: dict[str, str]) -> Any:
         env.pop("FLASH_JUPYTER_URL", None)
         proc = await asyncio.create_subprocess_exec(
             python,
@@ -156,9 +249,11 @@ class LocalProvider:
                     reason = f"killed by {signal.Signals(-rc).name}"
                 except ValueError:
                     reason = f"killed by signal {-rc}"
-            r = on_exit(rc, reason)
-            if asyncio.iscoroutine(r):
-                await r
+            cb = getattr(proc, "_flash_on_exit", None)
+            if cb is not None:
+                r = cb(rc, reason)
+                if asyncio.iscoroutine(r):
+                    await r
 
         proc._flash_watch = asyncio.ensure_future(watch())  # type: ignore[attr-defined]
         return proc
@@ -187,4 +282,5 @@ class LocalProvider:
                 {"index": i, "name": n, "type": hw.name if hw else None} for i, n, hw in self.gpus
             ],
             "strict_gpu": self.strict_gpu,
+            "spare_worker": self._spare_conn is not None,
         }

@@ -2,8 +2,8 @@
 
 ``flash-jupyter serve`` calls ``serve()`` in the foreground; the client starts the same
 thing detached (``python -m flash_jupyter.server``) on first use. The wire listener comes
-up first and the runtime file is written at once; the HTTP stack is imported in a thread
-meanwhile, so a cold first call does not wait for Starlette to load.
+up first and the runtime file is written at once; the HTTP stack is imported in a thread a
+moment later, so a cold first call does not wait for Starlette to load.
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ from ..providers import get_provider
 from .control import ControlPlane
 from .store import Store
 from .wire_server import Connection
+
+
+HTTP_DELAY = 0.25
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -76,7 +79,15 @@ async def run_server(
         "started": time.time(),
     }
     loop = asyncio.get_running_loop()
-    http_future = loop.run_in_executor(None, _load_http)
+    http_future: asyncio.Future = loop.create_future()
+
+    def load_http() -> None:
+        f = loop.run_in_executor(None, _load_http)
+        f.add_done_callback(lambda r: http_future.set_result(r.result()))
+
+    # The HTTP stack loads a moment after the wire is up, in a thread: a cold first call
+    # (wire only) does not wait for it, nor share the interpreter lock with it.
+    loop.call_later(HTTP_DELAY, load_http)
     store = Store(data_dir / "flash.db")
     provider = get_provider("local", data_dir=data_dir)
     cp = ControlPlane(store, provider, token=token, wire_addr=(host, wport), spool=str(spool))

@@ -102,12 +102,18 @@ class ControlPlane:
         for name in self.endpoints:
             self.kick(name)
         self._tick_task = asyncio.ensure_future(self._ticker())
+        prepare = getattr(self.provider, "prepare", None)
+        if prepare is not None:
+            await prepare(self.wire_addr, self.token)
 
     async def shutdown(self) -> None:
         """Stop every worker and wait for them, so the ledger closes every bill."""
         self.closing = True
         if self._tick_task:
             self._tick_task.cancel()
+        close = getattr(self.provider, "close", None)
+        if close is not None:
+            close()
         live = [w for ep in self.endpoints.values() for w in ep.workers.values() if w.live]
         for w in live:
             self._stop_worker(w, "control plane stopping", requeue=True)

@@ -12,7 +12,7 @@ from typing import Any
 
 from .. import wire
 from ..config import EndpointConfig
-from ..protocol import FrameProtocol
+from .frames import FrameProtocol
 from . import model as m
 from .control import ControlPlane, NotFound, _take
 
@@ -61,7 +61,11 @@ class Connection:
 
     # -- frames
     def on_close(self) -> None:
-        if self.role == "worker" and self.worker:
+        if self.role == "spare":
+            lost = getattr(self.cp.provider, "spare_lost", None)
+            if lost is not None:
+                lost(self)
+        elif self.role == "worker" and self.worker:
             self.cp.worker_lost(*self.worker)
         elif self.role == "client":
             self.cp.clients.discard(self)
@@ -76,6 +80,10 @@ class Connection:
             return
         if self.role == "worker":
             self.cp.worker_frame(self.worker[0], meta, bufs)
+            return
+        if self.role == "spare":
+            if meta.get("op") == "worker_hello":
+                self._become_worker(meta)
             return
         op = meta.get("op")
         handler = getattr(self, f"op_{op}", None)
@@ -103,16 +111,27 @@ class Connection:
             return
         role = meta.get("role")
         if role == "worker":
-            wid, inc = meta["id"], int(meta["incarnation"])
-            if not self.cp.worker_hello(wid, inc, self, meta.get("pid")):
+            self._become_worker(meta)
+            return
+        if role == "spare":
+            ready = getattr(self.cp.provider, "spare_ready", None)
+            if ready is None or not ready(int(meta.get("pid", 0)), self):
                 self.send({"op": "exit"})
                 self.close()
                 return
-            self.role, self.worker = "worker", (wid, inc)
+            self.role = "spare"
             return
         self.role = "client"
         self.cp.clients.add(self)
         self.send({"op": "welcome", **self.info, "stamp": wire.stamp(), "time": time.time()})
+
+    def _become_worker(self, meta: dict[str, Any]) -> None:
+        wid, inc = meta["id"], int(meta["incarnation"])
+        if not self.cp.worker_hello(wid, inc, self, meta.get("pid")):
+            self.send({"op": "exit"})
+            self.close()
+            return
+        self.role, self.worker = "worker", (wid, inc)
 
     # -- client operations
     def _reply(self, meta: dict[str, Any], result: Any) -> None:

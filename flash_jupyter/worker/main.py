@@ -8,8 +8,6 @@ The worker never imports the server: it speaks the wire and nothing else.
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import json
 import os
 import queue
@@ -17,8 +15,8 @@ import signal
 import sys
 import threading
 import time
+import types
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .. import shm, wire
@@ -49,9 +47,13 @@ class Worker:
         self.lock = threading.Lock()
         self.pending: list[tuple[dict[str, Any], list[Any]]] = []
         self.capture = OutputCapture(self._send_output)
-        self.loop: asyncio.AbstractEventLoop | None = None
+        self.loop: Any = None  # an asyncio loop, made for the first async job
         conc = int(spec.get("max_concurrency") or 1)
-        self.pool = ThreadPoolExecutor(conc, thread_name_prefix="job") if conc > 1 else None
+        self.pool = None
+        if conc > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(conc, thread_name_prefix="job")
 
     # -- frames in
     def reader(self) -> None:
@@ -239,11 +241,13 @@ class Worker:
         return getattr(inst, name)(*args, **kwargs)
 
     def _settle(self, value: Any, jid: str, stream: bool) -> Any:
-        if inspect.isawaitable(value):
+        if hasattr(value, "__await__"):
             if self.loop is None:
+                import asyncio
+
                 self.loop = asyncio.new_event_loop()
             value = self.loop.run_until_complete(_await(value))
-        if inspect.isgenerator(value):
+        if isinstance(value, types.GeneratorType):
             out = []
             for chunk in value:
                 out.append(chunk)
@@ -272,9 +276,24 @@ def main() -> None:
     spec = json.loads(os.environ.pop("FLASH_JUPYTER_WORKER"))
     token = os.environ.pop("FLASH_JUPYTER_WORKER_TOKEN", "")
     conn = SyncConnection.open(spec["host"], int(spec["port"]))
-    conn.send(
-        {"role": "worker", "token": token, "id": spec["id"], "incarnation": spec["incarnation"],
-         "pid": os.getpid(), "stamp": wire.stamp(), "time": time.time()},
-        hello=True,
-    )  # fmt: skip
+    if spec.get("spare"):
+        # A spare: connected and imported, waiting to be given an endpoint.
+        conn.send({"role": "spare", "token": token, "pid": os.getpid()}, hello=True)
+        try:
+            meta, _ = conn.recv()
+        except (ConnectionError, OSError):
+            os._exit(0)
+        if meta.get("op") != "assign":
+            os._exit(0)
+        os.environ.update(meta["env"])
+        spec = meta["spec"]
+        conn.send({"op": "worker_hello", "id": spec["id"], "incarnation": spec["incarnation"],
+                   "pid": os.getpid()})  # fmt: skip
+    else:
+        conn.send(
+            {"role": "worker", "token": token, "id": spec["id"],
+             "incarnation": spec["incarnation"], "pid": os.getpid(), "stamp": wire.stamp(),
+             "time": time.time()},
+            hello=True,
+        )  # fmt: skip
     Worker(conn, spec).run()
