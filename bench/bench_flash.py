@@ -22,7 +22,7 @@ PEERS = os.environ.get("PERF_PEERS") or (
     else os.path.join(HERE, "..", "..", "shared", "peers")
 )  # fmt: skip
 sys.path.insert(0, PEERS)
-import common  # noqa: E402  (the peer harness's workload)
+import common
 
 
 class Engine:

@@ -28,7 +28,9 @@ def square(x):
 
 def main() -> None:
     t = time.perf_counter()
-    print("square(4) =", square(4), f"({time.perf_counter() - t:.2f} s, control plane + cold start)")
+    print(
+        "square(4) =", square(4), f"({time.perf_counter() - t:.2f} s, control plane + cold start)"
+    )
     t = time.perf_counter()
     print("square(5) =", square(5), f"({(time.perf_counter() - t) * 1000:.1f} ms, warm)")
 

@@ -98,7 +98,7 @@ def match_smi_name(smi_name: str) -> HardwareType | None:
     best_len = 0
     for hw in GPUS:
         for pat in hw.smi_names:
-            if re.search(rf"(?<![A-Za-z0-9]){re.escape(pat)}(?![A-Za-z0-9])", smi_name, re.I):
-                if len(pat) > best_len:
-                    best, best_len = hw, len(pat)
+            word = rf"(?<![A-Za-z0-9]){re.escape(pat)}(?![A-Za-z0-9])"
+            if len(pat) > best_len and re.search(word, smi_name, re.I):
+                best, best_len = hw, len(pat)
     return best

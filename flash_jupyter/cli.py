@@ -30,7 +30,7 @@ def _client() -> Any:
 
 
 def _table(rows: list[list[str]], head: list[str]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join([fmt.format(*head), *(fmt.format(*map(str, r)) for r in rows)])
 
@@ -67,7 +67,7 @@ def format_status(endpoints: list[dict[str, Any]], billing: dict[str, Any] | Non
             "  "
             + _table(
                 rows, ["worker", "state", "hardware", "", "cold start", "billed", "note"]
-            ).replace("\n", "\n  ")  # fmt: skip
+            ).replace("\n", "\n  ")
         )
     if billing:
         tag = " (estimate at list price)" if billing.get("estimate") else ""

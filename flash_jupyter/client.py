@@ -71,15 +71,14 @@ def start_local(data_dir: Path | None = None, extra_args: list[str] = ()) -> dic
                 return info
         import subprocess
 
-        log = open(data_dir / "server.log", "ab")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "flash_jupyter.server", "--data-dir", str(data_dir),
-             "--idle-shutdown", os.environ.get("FLASH_JUPYTER_IDLE_SHUTDOWN", "3600"),
-             *extra_args],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-            close_fds=True,
-        )  # fmt: skip
-        log.close()
+        with open(data_dir / "server.log", "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "flash_jupyter.server", "--data-dir", str(data_dir),
+                 "--idle-shutdown", os.environ.get("FLASH_JUPYTER_IDLE_SHUTDOWN", "3600"),
+                 *extra_args],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                close_fds=True,
+            )  # fmt: skip
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             info = paths.read_runtime(data_dir)
@@ -116,7 +115,10 @@ def discover(autostart: bool = True) -> dict[str, Any]:
 class JobState:
     """Client-side record of one submitted job."""
 
-    __slots__ = ("callbacks", "done", "endpoint", "events", "frame", "id", "outcome", "sink")
+    __slots__ = (
+        "callbacks", "done", "endpoint", "events", "files", "frame", "id", "outcome",
+        "released", "sink",
+    )  # fmt: skip
 
     def __init__(self, job_id: str, endpoint: str, frame: tuple[dict, list]):
         self.id = job_id
@@ -127,6 +129,8 @@ class JobState:
         self.done = threading.Event()
         self.callbacks: list[Any] = []
         self.sink: Any = None  # where output goes when nobody waits (None: the queue)
+        self.released: list[str] = []  # spool files the worker let go of before the end
+        self.files: list[str] = []  # spool files this job's input was written to
 
 
 class Client:
@@ -143,7 +147,10 @@ class Client:
         self._sent_fns: set[str] = set()
         self.deployed: dict[str, tuple[str, dict]] = {}  # name -> (config hash, answer)
         self._http: Any = None
-        self.spool: str | None = None
+        self.spool: shm.Spool | None = None
+        self.writer = "c-" + os.urandom(6).hex()  # this client's folder in the spool
+        self._file_job: dict[str, str] = {}  # spool file -> job that reads it
+        self._releaser = shm.Releaser(self._send_release)
         self._closed = False
         self._connect()
 
@@ -160,7 +167,7 @@ class Client:
                 f"{info.get('wire_port')}"
             )
         conn.send({"role": "client", "token": info.get("token", ""), "stamp": wire.stamp(),
-                   "pid": os.getpid()}, hello=True)  # fmt: skip
+                   "pid": os.getpid(), "writer": self.writer}, hello=True)  # fmt: skip
         meta, _ = conn.recv()
         if meta.get("op") == "error":
             conn.close()
@@ -168,9 +175,13 @@ class Client:
                 raise errors.AuthError(meta.get("message", "401 Unauthorized"))
             raise errors.ControlPlaneError(meta.get("message", "refused"))
         self.info, self.conn, self.welcome = info, conn, meta
-        spool = meta.get("spool")
+        root = meta.get("spool")
         same_host = meta.get("boot_id") == paths.boot_id()
-        self.spool = spool if spool and same_host and os.access(spool, os.W_OK) else None
+        if root and same_host and os.access(root, os.W_OK):
+            if self.spool is None or self.spool.root != root:
+                self.spool = shm.Spool(root, self.writer)
+        else:
+            self.spool = None
         self._sent_fns = set()
         threading.Thread(
             target=self._reader, args=(conn,), name="flash-reader", daemon=True
@@ -203,7 +214,7 @@ class Client:
                     self._info = None if not os.environ.get("FLASH_JUPYTER_URL") else self._info
                     self._connect()
                     pending = [j for j in self.jobs.values() if not j.done.is_set()]
-                    for name, (_, cfg_msg) in list(self.deployed.items()):
+                    for _, cfg_msg in list(self.deployed.values()):
                         self._request_nowait(cfg_msg)
                     if pending:
                         self.conn.send({"op": "watch", "ids": [j.id for j in pending]})
@@ -224,7 +235,7 @@ class Client:
                 shm.discard([tuple(r) for r in meta.get("refs", []) if not isinstance(r, int)])
                 return
             if "refs" in meta:
-                meta["blobs"] = [shm.open_blob(r, bufs, unlink=True) for r in meta["refs"]]
+                meta["blobs"] = [shm.open_blob(r, bufs, self._releaser) for r in meta["refs"]]
             self._complete(job, meta)
         elif op == "out":
             job = self.jobs.get(meta["id"])
@@ -238,6 +249,8 @@ class Client:
             if slot is not None:
                 slot[1].append(meta)
                 slot[0].set()
+        elif op == "release":
+            self._on_release(meta["paths"])
         elif op == "need_fn":
             self._sent_fns.discard(meta["fn"])
             job = self.jobs.get(meta["id"])
@@ -249,7 +262,31 @@ class Client:
                 if job is not None and job.frame is not None and not job.done.is_set():
                     self._resend(job)
 
+    def _send_release(self, paths: list[str]) -> None:
+        if self.conn is not None:
+            self.conn.send({"op": "release", "paths": paths})
+
+    def _on_release(self, paths: list[str]) -> None:
+        # A file is rewritten only once its job is over: a worker that released it and
+        # then died before reporting would see its retry read the file again.
+        ready = []
+        for p in paths:
+            jid = self._file_job.get(p)
+            job = self.jobs.get(jid) if jid else None
+            if job is not None and not job.done.is_set():
+                job.released.append(p)
+            else:
+                self._file_job.pop(p, None)
+                ready.append(p)
+        if ready and self.spool is not None:
+            self.spool.release(ready)
+
     def _complete(self, job: JobState, meta: dict[str, Any]) -> None:
+        for p in job.files:
+            self._file_job.pop(p, None)  # a release arriving later frees the file at once
+        if job.released and self.spool is not None:
+            self.spool.release(job.released)
+        job.released = []
         job.outcome = meta
         job.frame = None
         self.jobs.pop(job.id, None)
@@ -265,6 +302,9 @@ class Client:
         self._closed = True
         if self.conn is not None:
             self.conn.close()
+        self._releaser.close()
+        if self.spool is not None:
+            self.spool.close()
         if self._http is not None:
             self._http.close()
 
@@ -304,6 +344,9 @@ class Client:
     def submit(self, endpoint: str, fn: wire.Payload, call: wire.Payload) -> JobState:
         jid = os.urandom(16).hex()
         blobs = shm.blobs_for(call.data, call.buffers, self.spool)
+        files = [b[1] for b in blobs[1:] if isinstance(b, tuple)]
+        for f in files:
+            self._file_job[f] = jid
         meta: dict[str, Any] = {"op": "submit", "id": jid, "ep": endpoint, "c": call.codec,
                                 "stamp": wire.stamp()}  # fmt: skip
         bufs: list[Any] = []
@@ -323,6 +366,7 @@ class Client:
             meta, fnc=fn.codec, fnrefs=[len(bufs) + i for i in range(1 + len(fn.buffers))]
         )
         job = JobState(jid, endpoint, (full_meta, [*bufs, fn.data, *fn.buffers]))
+        job.files = files
         self.jobs[jid] = job
         with self._lock:
             self.conn.send(meta, [*bufs, *fn_bufs])

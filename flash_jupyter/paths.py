@@ -59,8 +59,14 @@ def boot_id() -> str:
         return socket.gethostname()
 
 
-def spool_dir(instance: str) -> Path:
-    """Shared-memory spool for large buffers (tmpfs when the OS has one)."""
+def spool_dir(data_dir: Path) -> Path:
+    """Shared-memory spool for large buffers (tmpfs when the OS has one).
+
+    One per data dir, stable across restarts: queued jobs keep referring to their files.
+    """
+    import hashlib
+
     shm = Path("/dev/shm")
-    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else home() / "spool"
-    return ensure_private_dir(base / f"flash-jupyter-{os.getuid()}-{instance}")
+    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else data_dir / "spool"
+    tag = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:10]
+    return ensure_private_dir(base / f"flash-jupyter-{os.getuid()}-{tag}")

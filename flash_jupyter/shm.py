@@ -3,41 +3,150 @@
 When the caller, the control plane and the worker share a machine (same boot id, the
 spool folder is reachable), an out-of-band buffer of ``SHM_MIN`` bytes or more is written
 once into a file under the spool (tmpfs: /dev/shm) and the reader maps it copy-on-write:
-one memcpy end to end, where a socket costs three. The control plane only passes the path.
+one memcpy end to end, where a socket costs three. The control plane only passes paths.
+
+Most of the cost of writing a fresh tmpfs file is the kernel allocating and clearing its
+pages, not the copy. So each writer (a client, a worker) keeps its files in its own folder
+of the spool and rewrites a file once its reader has let go of it: the reader maps files
+with a finalizer that sends "release" back through the control plane when the last view
+of the data is gone. A file whose release never comes (a reader that crashed, a result
+kept forever) is only ever unlinked, never rewritten: unlinking leaves existing mappings
+intact, so no reader ever sees its data change.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
-import uuid
+import shutil
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 SHM_MIN = 1 << 20
+KEEP_FREE_BYTES = 1 << 30  # recycled files kept ready per writer
+MAX_LENT = 256  # files out on loan before the oldest is given up (unlinked)
 
 
-def blobs_for(data: bytes, buffers: list[memoryview], spool: str | None) -> list[Any]:
+class Spool:
+    """One writer's folder in the spool, with files recycled after their release."""
+
+    def __init__(self, root: str, writer: str):
+        self.root = root
+        self.writer = writer
+        self.dir = os.path.join(root, writer)
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        self._lock = threading.Lock()
+        self._free: list[tuple[int, str]] = []  # (size, path), ready to rewrite
+        self._lent: OrderedDict[str, int] = OrderedDict()  # path -> size, oldest first
+        self._seq = 0
+
+    def _take(self, n: int) -> tuple[str, int]:
+        with self._lock:
+            best = None
+            for i, (size, _) in enumerate(self._free):
+                if n <= size <= 2 * n and (best is None or size < self._free[best][0]):
+                    best = i
+            if best is not None:
+                size, path = self._free.pop(best)
+                return path, size
+            self._seq += 1
+            return os.path.join(self.dir, f"{os.getpid()}-{self._seq}"), 0
+
+    def write(self, buf: memoryview) -> tuple[str, str, int]:
+        n = buf.nbytes
+        path, size = self._take(n)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            view = buf.cast("B") if (buf.format != "B" or buf.ndim != 1) else buf
+            done = 0
+            while done < n:
+                done += os.pwrite(fd, view[done:], done)
+        finally:
+            os.close(fd)
+        with self._lock:
+            self._lent[path] = max(size, n)
+            while len(self._lent) > MAX_LENT:
+                old, _ = self._lent.popitem(last=False)
+                _unlink(old)
+        return ("shm", path, n)
+
+    def release(self, paths: list[str]) -> None:
+        """Readers are done with these files: keep them for rewriting (up to a budget)."""
+        with self._lock:
+            for p in paths:
+                size = self._lent.pop(p, None)
+                if size is None:
+                    continue
+                self._free.append((size, p))
+            total = sum(s for s, _ in self._free)
+            self._free.sort()
+            while total > KEEP_FREE_BYTES and self._free:
+                size, p = self._free.pop()  # drop the largest first
+                total -= size
+                _unlink(p)
+
+    def close(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Releaser:
+    """Sends "release" for mapped files once their last view is gone.
+
+    Finalizers may run anywhere (inside a garbage collection, in the middle of a send), so
+    they only enqueue; a small thread does the sending.
+    """
+
+    def __init__(self, send: Callable[[list[str]], None]):
+        import queue
+
+        self._send = send
+        self._q: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="flash-release", daemon=True).start()
+
+    def watch(self, mm: mmap.mmap, path: str) -> None:
+        weakref.finalize(mm, self._q.put, path)
+
+    def close(self) -> None:
+        self._q.put(None)
+
+    def _run(self) -> None:
+        import queue
+
+        while True:
+            first = self._q.get()
+            if first is None:
+                return
+            paths = [first]
+            try:
+                while len(paths) < 256:
+                    p = self._q.get_nowait()
+                    if p is None:
+                        self._q.put(None)
+                        break
+                    paths.append(p)
+            except queue.Empty:
+                pass
+            try:
+                self._send(paths)
+            except Exception:  # a lost release only costs a page allocation
+                pass
+
+
+def blobs_for(data: bytes, buffers: list[memoryview], spool: Spool | None) -> list[Any]:
     """The pickle stream and its buffers as wire blobs: inline, or ("shm", path, n)."""
     out: list[Any] = [data]
     for b in buffers:
-        n = b.nbytes
-        if spool and n >= SHM_MIN:
-            path = os.path.join(spool, uuid.uuid4().hex)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                view = b.cast("B") if b.format != "B" or b.ndim != 1 else b
-                done = 0
-                while done < n:
-                    done += os.write(fd, view[done:])
-            finally:
-                os.close(fd)
-            out.append(("shm", path, n))
+        if spool is not None and b.nbytes >= SHM_MIN:
+            out.append(spool.write(b))
         else:
             out.append(b)
     return out
 
 
-def open_blob(ref: Any, frame_bufs: list[Any], unlink: bool = False) -> Any:
+def open_blob(ref: Any, frame_bufs: list[Any], releaser: Releaser | None = None) -> Any:
     """A readable buffer for one blob reference (an index into the frame, or a shm file)."""
     if isinstance(ref, int):
         return frame_bufs[ref]
@@ -47,19 +156,25 @@ def open_blob(ref: Any, frame_bufs: list[Any], unlink: bool = False) -> Any:
         mm = mmap.mmap(fd, n, access=mmap.ACCESS_COPY)
     finally:
         os.close(fd)
-    if unlink:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+    if releaser is not None:
+        releaser.watch(mm, path)
     return mm
+
+
+def writer_of(path: str) -> str:
+    """The writer folder a spool file belongs to."""
+    return os.path.basename(os.path.dirname(path))
 
 
 def discard(blobs: list[Any]) -> None:
     """Remove shm files of blobs that will never be read."""
     for b in blobs:
-        if isinstance(b, tuple) and b and b[0] == "shm":
-            try:
-                os.unlink(b[1])
-            except OSError:
-                pass
+        if isinstance(b, (tuple, list)) and b and b[0] == "shm":
+            _unlink(b[1])
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

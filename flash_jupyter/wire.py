@@ -161,7 +161,7 @@ def _globals_of(fn: Any) -> dict[str, Any]:
         names.update(c.co_names)
         stack.extend(k for k in c.co_consts if hasattr(k, "co_names"))
     found = {n: g[n] for n in sorted(names) if n in g}
-    for name, cell in zip(code.co_freevars, fn.__closure__ or ()):
+    for name, cell in zip(code.co_freevars, fn.__closure__ or (), strict=False):
         try:
             found[name] = cell.cell_contents
         except ValueError:

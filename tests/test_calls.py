@@ -237,3 +237,29 @@ def test_map_edge_sizes(client, name, n):
         return -x
 
     assert neg.map(range(n)) == [-i for i in range(n)]
+
+
+def test_spool_files_are_recycled_without_corrupting_live_data(client, name):
+    import gc
+    import os
+
+    @Endpoint(name=name)
+    def plus_one(a):
+        return a + 1  # a new 2.4 MB array, written to the worker's spool
+
+    kept = plus_one(np.full(300_000, 100.0))  # stays alive: its file must never be rewritten
+    for i in range(6):
+        out = plus_one(np.full(300_000, float(i)))
+        assert out[0] == i + 1 and out[-1] == i + 1
+        del out
+        gc.collect()
+    assert kept.min() == kept.max() == 101.0
+    assert client.spool is not None, "same host: large buffers go through shared memory"
+    # The client rewrote released input files instead of making a new one per call.
+    time_limit = 5
+    import time
+
+    t = time.monotonic()
+    while len(os.listdir(client.spool.dir)) > 2 and time.monotonic() - t < time_limit:
+        time.sleep(0.05)
+    assert len(os.listdir(client.spool.dir)) <= 2

@@ -84,7 +84,7 @@ def test_unpicklable_argument_named_before_sending(client, name):
         take(1, b=gen)
     msg = str(ei.value)
     assert "keyword argument 'b'" in msg and "generator" in msg
-    with pytest.raises(SerializationError, match="argument 0 .*generator"):
+    with pytest.raises(SerializationError, match=r"argument 0 .*generator"):
         take(gen)
     after = _health(client, name)
     assert after == before  # nothing was queued
@@ -124,7 +124,7 @@ def test_serializer_mismatch(client, name, monkeypatch):
         return 1
 
     monkeypatch.setattr(wire, "SERIALIZER_MAJOR", "0")
-    with pytest.raises(VersionMismatch, match="cloudpickle 0.x"):
+    with pytest.raises(VersionMismatch, match=r"cloudpickle 0\.x"):
         f()
 
 

@@ -25,7 +25,6 @@ from .control import ControlPlane
 from .store import Store
 from .wire_server import Connection
 
-
 HTTP_DELAY = 0.25
 
 
@@ -65,7 +64,7 @@ async def run_server(
     http_port = http_sock.getsockname()[1]
     wport = wire_sock.getsockname()[1]
     url_host = f"[{host}]" if ":" in host else host
-    spool = paths.spool_dir(instance)
+    spool = paths.spool_dir(data_dir)
     info = {
         "pid": os.getpid(),
         "url": f"http://{url_host}:{http_port}",
@@ -148,9 +147,7 @@ async def run_server(
             paths.runtime_file(data_dir).unlink()
         except OSError:
             pass
-    import shutil
-
-    shutil.rmtree(spool, ignore_errors=True)
+    cp.clean_spool()
 
 
 def _write_private(path: Path, data: dict[str, Any]) -> None:

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
+from .. import shm
 from ..config import EndpointConfig
 from ..providers.base import Allocation, PlacementError, Provider, WorkerSpec
 from . import model as m
@@ -67,6 +68,7 @@ class ControlPlane:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.closing = False
         self.clients: set[Any] = set()  # open client connections
+        self.writers: dict[str, Any] = {}  # spool writer folder -> its connection
 
     # ------------------------------------------------------------------ startup
     async def start(self) -> None:
@@ -99,6 +101,7 @@ class ControlPlane:
                 ep.completed += 1
             elif job.status in m.TERMINAL and ep is not None:
                 ep.failed += 1
+        self.clean_spool()
         for name in self.endpoints:
             self.kick(name)
         self._tick_task = asyncio.ensure_future(self._ticker())
@@ -346,13 +349,81 @@ class ControlPlane:
             self.kick(ep.name)
 
     def _drop_inputs(self, job: m.Job) -> None:
-        for part in ("blobs", "fn_blobs"):
-            for b in job.body.get(part) or ():
-                if isinstance(b, tuple) and b and b[0] == "shm":
-                    try:
-                        os.unlink(b[1])
-                    except OSError:
-                        pass
+        # A connected writer recycles its files when the worker releases them; files of a
+        # writer that is gone are nobody's: remove them.
+        for b in self._shm_inputs(job):
+            if shm.writer_of(b[1]) not in self.writers:
+                shm.discard([b])
+
+    @staticmethod
+    def _shm_inputs(job: m.Job) -> list[tuple]:
+        return [
+            b
+            for part in ("blobs", "fn_blobs")
+            for b in job.body.get(part) or ()
+            if isinstance(b, tuple) and b and b[0] == "shm"
+        ]
+
+    def route_release(self, paths: list[str]) -> None:
+        """A reader let go of spool files: tell their writer, or remove orphans."""
+        by_writer: dict[str, list[str]] = {}
+        for p in paths:
+            by_writer.setdefault(shm.writer_of(p), []).append(p)
+        for writer, ps in by_writer.items():
+            conn = self.writers.get(writer)
+            if conn is not None:
+                conn.send({"op": "release", "paths": ps})
+            else:
+                shm.discard([("shm", p, 0) for p in ps])
+
+    def writer_gone(self, writer: str) -> None:
+        """A connection that wrote spool files closed. Files still to be read stay (a
+        client may reconnect; a job may run later); the rest go."""
+        self.writers.pop(writer, None)
+        if not self.spool:
+            return
+        folder = os.path.join(self.spool, writer)
+        needed = self._needed_files()
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            return
+        for n in names:
+            p = os.path.join(folder, n)
+            if p not in needed:
+                shm.discard([("shm", p, 0)])
+        if not needed:
+            try:
+                os.rmdir(folder)
+            except OSError:
+                pass
+
+    def _needed_files(self) -> set[str]:
+        """Spool files still to be read: inputs of unfinished jobs, undelivered results."""
+        needed = {
+            b[1]
+            for j in self.jobs.values()
+            if j.status not in m.TERMINAL
+            for b in self._shm_inputs(j)
+        }
+        for j in self.jobs.values():
+            if j.result is not None and not j.delivered:
+                needed.update(b[1] for b in j.result.get("blobs") or () if isinstance(b, tuple))
+        return needed
+
+    def clean_spool(self) -> None:
+        """Remove spool files no unfinished job refers to (at start and at shutdown)."""
+        if not self.spool or not os.path.isdir(self.spool):
+            return
+        needed = self._needed_files()
+        for writer in os.listdir(self.spool):
+            if writer in self.writers:
+                continue
+            folder = os.path.join(self.spool, writer)
+            for n in os.listdir(folder) if os.path.isdir(folder) else ():
+                p = os.path.join(folder, n)
+                if p not in needed:
+                    shm.discard([("shm", p, 0)])
 
     # ------------------------------------------------------------------ views
     def status_payload(self, job: m.Job) -> dict[str, Any]:
@@ -370,7 +441,7 @@ class ControlPlane:
         d["retries"] = job.retries
         d["cold"] = job.cold
         if job.cold_start_ms is not None:
-            d["coldStartTime"] = int(round(job.cold_start_ms))
+            d["coldStartTime"] = round(job.cold_start_ms)
         d["cost"] = round(job.cost, 8)
         return d
 
@@ -511,9 +582,14 @@ class ControlPlane:
                         w.jobs.discard(jid)
                     elif job.status == m.IN_PROGRESS and job.deadline and now > job.deadline:
                         self._timeout(job, w, ep)
-                    elif job.status == m.CANCELLED and job.cancel_sent:
-                        if now - job.cancel_sent > CANCEL_GRACE and w.live and not w.stopping:
-                            self._stop_worker(w, f"did not stop cancelled job {jid}", kill=True)
+                    elif (
+                        job.status == m.CANCELLED
+                        and job.cancel_sent
+                        and now - job.cancel_sent > CANCEL_GRACE
+                        and w.live
+                        and not w.stopping
+                    ):
+                        self._stop_worker(w, f"did not stop cancelled job {jid}", kill=True)
             self._reconcile(ep)
         if now - self._last_prune > 60:
             self._last_prune = now
@@ -539,12 +615,7 @@ class ControlPlane:
 
     @staticmethod
     def _drop_results(job: m.Job) -> None:
-        for b in (job.result or {}).get("blobs") or ():
-            if isinstance(b, tuple) and b and b[0] == "shm":
-                try:
-                    os.unlink(b[1])
-                except OSError:
-                    pass
+        shm.discard((job.result or {}).get("blobs") or ())
 
     def _reconcile(self, ep: m.EndpointState) -> None:
         if self.closing:
@@ -678,7 +749,7 @@ class ControlPlane:
         w.handle = "starting"
         self._publish_worker(w)
         spec = WorkerSpec(w.id, w.incarnation, cfg, alloc, self.wire_addr, self.token, self.spool)
-        asyncio.ensure_future(self._spawn(ep, w, spec))
+        w.spawn_task = asyncio.ensure_future(self._spawn(ep, w, spec))  # type: ignore[attr-defined]
 
     def _reclaim_idle(self, wanting: m.EndpointState) -> None:
         """Free a slot for a throttled start by stopping the longest-idle warm worker of
@@ -886,6 +957,8 @@ class ControlPlane:
             if job.owner is not None and job.status not in m.TERMINAL:
                 job.owner.send({"op": "out", "id": job.id, "stream": meta["stream"],
                                 "text": meta["text"]})  # fmt: skip
+        elif op == "release":
+            self.route_release(meta["paths"])
         elif op == "chunk":
             job = self.jobs.get(meta["id"])
             if job is not None:

@@ -58,14 +58,14 @@ class Job:
     def delay_ms(self) -> int | None:
         if self.started is None:
             return None
-        return int(round((self.started - self.created) * 1000))
+        return round((self.started - self.created) * 1000)
 
     @property
     def execution_ms(self) -> int | None:
         if self.started is None:
             return None
         end = self.finished if self.finished is not None else time.time()
-        return int(round((end - self.started) * 1000))
+        return round((end - self.started) * 1000)
 
 
 @dataclass

@@ -12,9 +12,9 @@ from typing import Any
 
 from .. import wire
 from ..config import EndpointConfig
-from .frames import FrameProtocol
 from . import model as m
 from .control import ControlPlane, NotFound, _take
+from .frames import FrameProtocol
 
 
 class Connection:
@@ -27,6 +27,7 @@ class Connection:
         self.role: str | None = None
         self.worker: tuple[str, int] | None = None
         self.jobs: set[str] = set()
+        self.writer: str | None = None
 
     # -- used by the control plane
     def send(self, meta: dict[str, Any], bufs: list[Any] = ()) -> None:
@@ -66,9 +67,12 @@ class Connection:
             if lost is not None:
                 lost(self)
         elif self.role == "worker" and self.worker:
+            self.cp.writer_gone(f"w-{self.worker[0]}-{self.worker[1]}")
             self.cp.worker_lost(*self.worker)
         elif self.role == "client":
             self.cp.clients.discard(self)
+            if self.writer:
+                self.cp.writer_gone(self.writer)
             for jid in self.jobs:
                 job = self.cp.jobs.get(jid)
                 if job is not None and job.owner is self:
@@ -123,6 +127,10 @@ class Connection:
             return
         self.role = "client"
         self.cp.clients.add(self)
+        writer = str(meta.get("writer") or "")
+        if writer.startswith("c-") and "/" not in writer:
+            self.writer = writer
+            self.cp.writers[writer] = self
         self.send({"op": "welcome", **self.info, "stamp": wire.stamp(), "time": time.time()})
 
     def _become_worker(self, meta: dict[str, Any]) -> None:
@@ -132,6 +140,7 @@ class Connection:
             self.close()
             return
         self.role, self.worker = "worker", (wid, inc)
+        self.cp.writers[f"w-{wid}-{inc}"] = self
 
     # -- client operations
     def _reply(self, meta: dict[str, Any], result: Any) -> None:
@@ -180,6 +189,9 @@ class Connection:
                 self.deliver(job)
         if unknown:
             self.send({"op": "unknown", "ids": unknown})
+
+    def op_release(self, meta: dict[str, Any], bufs: list[bytearray]) -> None:
+        self.cp.route_release(meta["paths"])
 
     def op_status(self, meta: dict[str, Any], bufs: list[bytearray]) -> None:
         try:

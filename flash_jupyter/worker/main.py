@@ -36,8 +36,12 @@ class Worker:
     def __init__(self, conn: SyncConnection, spec: dict[str, Any]):
         self.conn = conn
         self.spec = spec
-        self.spool = (
-            spec.get("spool") if spec.get("spool") and os.path.isdir(spec["spool"]) else None
+        root = spec.get("spool")
+        self.spool = None
+        if root and os.path.isdir(root):
+            self.spool = shm.Spool(root, f"w-{spec['id']}-{spec['incarnation']}")
+        self.releaser = shm.Releaser(
+            lambda paths: self.conn.send({"op": "release", "paths": paths})
         )
         self.inbox: queue.SimpleQueue[tuple[dict[str, Any], list[Any]] | None] = queue.SimpleQueue()
         self.fns: OrderedDict[str, Any] = OrderedDict()
@@ -65,6 +69,9 @@ class Worker:
                     self.inbox.put((meta, bufs))
                 elif op == "cancel":
                     self._cancel(meta["id"])
+                elif op == "release":
+                    if self.spool is not None:
+                        self.spool.release(meta["paths"])
                 elif op == "exit":
                     self.inbox.put(None)
                     return
@@ -175,7 +182,7 @@ class Worker:
             self.fns.move_to_end(h)
             return self.fns[h]
         refs = meta["fnrefs"]
-        blobs = [shm.open_blob(r, bufs) for r in refs]
+        blobs = [shm.open_blob(r, bufs, self.releaser) for r in refs]
         fn = wire.loads(blobs[0], blobs[1:], meta.get("fnc", "cloudpickle"))
         if h is not None:
             self.fns[h] = fn
@@ -202,7 +209,7 @@ class Worker:
                         f"({e}); return dicts, lists, strings and numbers to HTTP callers"
                     ) from None
                 return {"op": "done", "id": jid, "ok": True, "output": value}, []
-            blobs = [shm.open_blob(r, bufs) for r in meta["refs"]]
+            blobs = [shm.open_blob(r, bufs, self.releaser) for r in meta["refs"]]
             call = wire.loads(blobs[0], blobs[1:], meta.get("c", "cloudpickle"))
             value = self._settle(self._invoke(fn, meta.get("fn"), call), jid, stream=False)
             payload = wire.dumps(value, what="the return value")
