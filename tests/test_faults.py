@@ -170,3 +170,10 @@ def test_clean_stop_closes_every_bill(own_server, monkeypatch):
     rows = db.execute("SELECT endpoint, seconds, cost FROM ledger").fetchall()
     assert rows and rows[0][0] == "billed" and rows[0][1] >= 1
     assert abs(rows[0][2] - rows[0][1] * 0.00019) < 1e-12
+
+    # All-time totals come back from the ledger; the session starts again from zero.
+    server.start()
+    client = use_server(server, monkeypatch)
+    b = client.billing()["endpoints"]["billed"]
+    assert b["billed_seconds"] >= rows[0][1]
+    assert b["cost"] >= rows[0][2] and b["session_cost"] < b["cost"]

@@ -79,6 +79,10 @@ class ControlPlane:
             ep = m.EndpointState(cfg, row["handler"], row["created"], row["updated"])
             self.endpoints[cfg.name] = ep
             self._ensure_slots(ep)
+        for ep_name, tot in self.store.ledger_totals().items():
+            if ep_name in self.endpoints:
+                self.endpoints[ep_name].billed_seconds = int(tot["seconds"])
+                self.endpoints[ep_name].billed_cost = tot["cost"]
         for row in self.store.load_jobs():
             ep = self.endpoints.get(row["endpoint"])
             job = m.Job(**{k: row[k] for k in ("id", "endpoint", "kind", "fn", "body", "created")})
@@ -490,9 +494,8 @@ class ControlPlane:
         }
 
     def endpoint_view(self, ep: m.EndpointState) -> dict[str, Any]:
-        live_cost = sum(
-            w.billed_seconds() * ep.config.price_per_second for w in ep.workers.values() if w.live
-        )
+        live_seconds = sum(w.billed_seconds() for w in ep.workers.values() if w.live)
+        live_cost = live_seconds * ep.config.price_per_second
         return {
             "name": ep.name,
             "config": ep.config.to_dict(),
@@ -505,8 +508,9 @@ class ControlPlane:
             "workers": [self.worker_view(w, ep) for w in ep.workers.values()],
             "health": self.health(ep.name),
             "cost": round(ep.billed_cost + live_cost, 8),
-            "billed_seconds": ep.billed_seconds
-            + sum(w.billed_seconds() for w in ep.workers.values() if w.live),
+            "billed_seconds": ep.billed_seconds + live_seconds,
+            "session_cost": round(ep.session_cost + live_cost, 8),
+            "session_seconds": ep.session_seconds + live_seconds,
             "emulated": any(w.emulated for w in ep.workers.values())
             or self._would_emulate(ep.config),
         }
@@ -516,19 +520,24 @@ class ControlPlane:
         return bool(cfg.gpu) and not any(hw and hw.name in cfg.gpu for _, _, hw in gpus)
 
     def billing(self) -> dict[str, Any]:
+        """What has been billed: all time (the ledger) and this session (since the control
+        plane started), per endpoint, with running workers counted up to now."""
         by_ep = {}
-        total = 0.0
+        total = session = 0.0
         estimate = False
         for ep in self.endpoints.values():
             v = self.endpoint_view(ep)
             by_ep[ep.name] = {
                 "cost": v["cost"],
                 "billed_seconds": v["billed_seconds"],
+                "session_cost": v["session_cost"],
+                "session_seconds": v["session_seconds"],
                 "price_per_second": ep.config.price_per_second,
                 "hardware": v["hardware"],
                 "estimate": v["emulated"],
             }
             total += v["cost"]
+            session += v["session_cost"]
             estimate = estimate or v["emulated"]
         from .. import catalog
 
@@ -536,6 +545,7 @@ class ControlPlane:
             "currency": catalog.CURRENCY,
             "prices_as_of": catalog.PRICES_AS_OF,
             "total": round(total, 8),
+            "session": round(session, 8),
             "estimate": estimate,
             "basis": (
                 "estimate at list price: hardware emulated on CPU"
@@ -906,6 +916,8 @@ class ControlPlane:
             cost = secs * price
             ep.billed_seconds += secs
             ep.billed_cost += cost
+            ep.session_seconds += secs
+            ep.session_cost += cost
             self.store.add_ledger(w.id, ep.name, w.hardware, w.emulated, w.start_signal,
                                   stopped, secs, cost)  # fmt: skip
             self.events.publish("billing", worker=w.id, endpoint=ep.name, seconds=secs,

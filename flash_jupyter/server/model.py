@@ -120,8 +120,10 @@ class EndpointState:
     failed: int = 0
     retried: int = 0
     logs: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=2000))
-    billed_cost: float = 0.0  # closed ledger entries
+    billed_cost: float = 0.0  # closed ledger entries, all time (reloaded at start)
     billed_seconds: int = 0
+    session_cost: float = 0.0  # closed ledger entries since this control plane started
+    session_seconds: int = 0
     exec_ewma_ms: float = 100.0
     next_worker: int = 1
 
