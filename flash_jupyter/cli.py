@@ -133,8 +133,14 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.05)
         print(f"stopped control plane (pid {pid})")
         return 0
+    from .errors import FlashError
+
     if a.cmd == "env":
-        c = _client()
+        try:
+            c = _client()
+        except FlashError as e:
+            print(f"flash-jupyter: {e}", file=sys.stderr)
+            return 1
         print(f"export FLASH_JUPYTER_URL={c.url}")
         print(f"export FLASH_JUPYTER_TOKEN={c.token}")
         return 0
@@ -147,10 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"environment ready in {time.monotonic() - t:.1f} s: {py}")
         return 0
 
-    from .errors import FlashError
-
-    c = _client()
     try:
+        c = _client()
         if a.cmd == "status":
             eps = [c.endpoint(a.name)] if a.name else c.endpoints()
             if a.json:
@@ -162,7 +166,13 @@ def main(argv: list[str] | None = None) -> int:
                 sys.stdout.write(e["text"])
         elif a.cmd == "scale":
             lo, _, hi = a.workers.partition(",")
-            print(json.dumps(c.scale(a.name, int(lo), int(hi or lo))))
+            try:
+                wmin, wmax = int(lo), int(hi or lo)
+            except ValueError:
+                print(f"flash-jupyter: workers must be MIN,MAX, not {a.workers!r}",
+                      file=sys.stderr)  # fmt: skip
+                return 2
+            print(json.dumps(c.scale(a.name, wmin, wmax)))
         elif a.cmd == "stop":
             print(json.dumps(c.stop(a.name)))
         elif a.cmd == "delete":

@@ -263,3 +263,19 @@ def test_spool_files_are_recycled_without_corrupting_live_data(client, name):
     while len(os.listdir(client.spool.dir)) > 2 and time.monotonic() - t < time_limit:
         time.sleep(0.05)
     assert len(os.listdir(client.spool.dir)) <= 2
+
+
+def test_output_of_subprocesses_and_c_code_is_captured(client, name, capsys):
+    @Endpoint(name=name)
+    def shell():
+        import os
+        import subprocess
+
+        subprocess.run(["echo", "from a subprocess"], check=True)
+        os.write(2, b"straight to fd 2\n")
+        return 0
+
+    assert shell() == 0
+    out = capsys.readouterr()
+    assert "from a subprocess" in out.out
+    assert "straight to fd 2" in out.err

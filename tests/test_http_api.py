@@ -16,11 +16,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import wait_for
 
 from flash_jupyter import Endpoint
 from flash_jupyter.server import http_app
-
-from conftest import wait_for
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
 

@@ -117,8 +117,11 @@ def build_app(cp: ControlPlane, token: str, info: dict[str, Any]) -> Any:
     async def runsync(request: Request) -> Response:
         name = request.path_params["name"]
         cp.endpoint(name)
+        try:
+            wait = float(request.query_params.get("wait", RUNSYNC_WAIT * 1000)) / 1000
+        except ValueError:
+            raise HTTPError(400, "wait must be a number of milliseconds") from None
         job = cp.submit(name, "json", job_input(await body_json(request)))
-        wait = float(request.query_params.get("wait", RUNSYNC_WAIT * 1000)) / 1000
         if job.status not in m.TERMINAL:
             fut = asyncio.get_running_loop().create_future()
             job.waiters.append(fut)
@@ -141,9 +144,8 @@ def build_app(cp: ControlPlane, token: str, info: dict[str, Any]) -> Any:
 
     @guard
     async def cancel(request: Request) -> Response:
-        job = cp.cancel(request.path_params["job"])
-        if job.endpoint != request.path_params["name"]:
-            raise NotFound(f"no job {job.id!r} on endpoint {request.path_params['name']!r}")
+        job = cp.job(request.path_params["job"], request.path_params["name"])
+        job = cp.cancel(job.id)
         return JSONResponse({"id": job.id, "status": job.status})
 
     @guard

@@ -8,6 +8,7 @@ line leaves on ``flush()``, when the job ends, or after ``LINGER`` seconds.
 from __future__ import annotations
 
 import io
+import os
 import sys
 import threading
 from collections.abc import Callable
@@ -34,6 +35,7 @@ class _JobStream(io.TextIOBase):
         return False
 
     def fileno(self) -> int:
+        # Writes to the descriptor itself are captured too (see capture_fds).
         return self.fallback.fileno()
 
     def write(self, s: str) -> int:
@@ -107,3 +109,73 @@ class OutputCapture:
         for s in (self.stdout, self.stderr):
             if s is not None:
                 s.flush()
+
+
+class FdCapture:
+    """Also stream what bypasses ``sys.stdout``: C extensions, subprocesses (fd 1 and 2).
+
+    Each descriptor is replaced by a pipe. A thread forwards what arrives to the job
+    running now; when a job ends, ``drain`` takes what is still in the pipes for it, so
+    nothing written before the end reaches the caller after the result. Output with no
+    job running goes where the descriptor pointed before.
+    """
+
+    def __init__(self, send: Callable[[str, str, str], None], job_id: Callable[[], str | None]):
+        self.send = send
+        self.job_id = job_id
+        self.lock = threading.Lock()
+        self.pipes: list[tuple[int, int, str]] = []  # (read end, original fd, stream)
+        for fd, name in ((1, "stdout"), (2, "stderr")):
+            try:
+                original = os.dup(fd)
+                r, w = os.pipe()
+                os.set_blocking(r, False)
+                os.dup2(w, fd)
+                os.close(w)
+            except OSError:
+                continue
+            self.pipes.append((r, original, name))
+        if self.pipes:
+            threading.Thread(target=self._run, daemon=True, name="capture-fds").start()
+
+    def _forward(self, jid: str | None, original: int, name: str, data: bytes) -> None:
+        if jid is None:
+            try:
+                os.write(original, data)
+            except OSError:
+                pass
+        else:
+            self.send(jid, name, data.decode("utf-8", "replace"))
+
+    def _read_all(self, jid: str | None) -> bool:
+        alive = False
+        for r, original, name in self.pipes:
+            while True:
+                try:
+                    data = os.read(r, 65536)
+                except BlockingIOError:
+                    alive = True
+                    break
+                except OSError:
+                    break
+                if not data:
+                    break
+                self._forward(jid, original, name, data)
+        return alive
+
+    def _run(self) -> None:
+        import select
+
+        fds = [r for r, _, _ in self.pipes]
+        while True:
+            try:
+                select.select(fds, [], [])
+            except OSError:
+                return
+            with self.lock:
+                if not self._read_all(self.job_id()):
+                    return
+
+    def drain(self, jid: str) -> None:
+        with self.lock:
+            self._read_all(jid)

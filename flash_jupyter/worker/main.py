@@ -22,7 +22,7 @@ from typing import Any
 from .. import shm, wire
 from ..errors import VersionMismatch
 from ..protocol import SyncConnection
-from .capture import OutputCapture
+from .capture import FdCapture, OutputCapture
 
 BATCH_MAX = 64
 FN_CACHE = 256
@@ -51,6 +51,7 @@ class Worker:
         self.lock = threading.Lock()
         self.pending: list[tuple[dict[str, Any], list[Any]]] = []
         self.capture = OutputCapture(self._send_output)
+        self.fds: FdCapture | None = None
         self.loop: Any = None  # an asyncio loop, made for the first async job
         conc = int(spec.get("max_concurrency") or 1)
         self.pool = None
@@ -119,6 +120,7 @@ class Worker:
         signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
         threading.Thread(target=self.reader, name="wire-reader", daemon=True).start()
         self.capture.install()
+        self.fds = FdCapture(self._send_output, lambda: self.current)
         while True:
             try:
                 item = self.inbox.get(timeout=None) if not self.pending else self._poll()
@@ -233,6 +235,8 @@ class Worker:
             return {"op": "done", "id": jid, "ok": False, "error": info}, []
         finally:
             self.capture.end()
+            if self.fds is not None:
+                self.fds.drain(jid)
 
     def _invoke(self, fn: Any, h: str | None, call: tuple) -> Any:
         if call[0] == "call":
