@@ -80,10 +80,8 @@ def lookup(name: str, kind: str | None = None) -> HardwareType:
     Raises ValueError listing the known names when nothing matches.
     """
     hw = _BY_KEY.get(_key(name))
-    if hw is None and kind == "gpu":
-        # "NVIDIA A100-SXM4-80GB" style names.
-        stripped = _key(name).removeprefix("NVIDIA").removeprefix("GEFORCE")
-        hw = _BY_KEY.get(stripped)
+    if hw is None and kind != "cpu":
+        hw = match_smi_name(name)  # "NVIDIA A100-SXM4-80GB", as nvidia-smi names them
     if hw is None or (kind is not None and hw.kind != kind):
         pool = GPUS if kind != "cpu" else CPUS
         known = ", ".join(h.name for h in pool)

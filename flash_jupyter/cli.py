@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--tail", type=int, default=100)
     s = sub.add_parser("scale", help="set an endpoint's workers min,max")
     s.add_argument("name")
-    s.add_argument("workers", help="MIN,MAX")
+    s.add_argument("workers", help="MIN,MAX, or N for 0,N")
     s = sub.add_parser("stop", help="scale an endpoint to zero now")
     s.add_argument("name")
     s = sub.add_parser("delete", help="delete an endpoint (cancels its queue)")
@@ -119,18 +119,20 @@ def main(argv: list[str] | None = None) -> int:
         if not info:
             print("no control plane is running")
             return 0
+        from .protocol import pid_alive
+
         pid = int(info["pid"])
         try:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             print("no control plane is running")
             return 0
-        for _ in range(200):
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
+        deadline = time.monotonic() + 15
+        while pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
+        if pid_alive(pid):
+            print(f"control plane (pid {pid}) is still stopping", file=sys.stderr)
+            return 1
         print(f"stopped control plane (pid {pid})")
         return 0
     from .errors import FlashError
@@ -165,9 +167,9 @@ def main(argv: list[str] | None = None) -> int:
             for e in c.logs(a.name, a.tail):
                 sys.stdout.write(e["text"])
         elif a.cmd == "scale":
-            lo, _, hi = a.workers.partition(",")
-            try:
-                wmin, wmax = int(lo), int(hi or lo)
+            lo, sep, hi = a.workers.partition(",")
+            try:  # "N" means (0, N), as workers=N does
+                wmin, wmax = (int(lo), int(hi)) if sep else (0, int(lo))
             except ValueError:
                 print(f"flash-jupyter: workers must be MIN,MAX, not {a.workers!r}",
                       file=sys.stderr)  # fmt: skip

@@ -151,6 +151,7 @@ class Client:
         self.writer = "c-" + os.urandom(6).hex()  # this client's folder in the spool
         self._file_job: dict[str, str] = {}  # spool file -> job that reads it
         self._releaser = shm.Releaser(self._send_release)
+        self.same_host = False
         self._closed = False
         self._connect()
 
@@ -177,6 +178,7 @@ class Client:
         self.info, self.conn, self.welcome = info, conn, meta
         root = meta.get("spool")
         same_host = meta.get("boot_id") == paths.boot_id()
+        self.same_host = same_host
         if root and same_host and os.access(root, os.W_OK):
             if self.spool is None or self.spool.root != root:
                 self.spool = shm.Spool(root, self.writer)
@@ -202,8 +204,29 @@ class Client:
                 self._dispatch(meta, bufs)
         except (ConnectionError, OSError):
             pass
-        if not self._closed and conn is self.conn:
-            self._reconnect()
+        if self._closed or conn is not self.conn:
+            return
+        with self._lock:
+            if not any(not j.done.is_set() for j in self.jobs.values()):
+                # Nothing in flight: connect again (starting a control plane if need be)
+                # at the next use, not now: `flash-jupyter shutdown` should stay shut.
+                self.conn = None
+                return
+        self._reconnect()
+
+    def _live(self) -> SyncConnection:
+        """The connection, re-established if it was dropped while idle."""
+        conn = self.conn
+        if conn is None:
+            with self._lock:
+                if self.conn is None:
+                    if not os.environ.get("FLASH_JUPYTER_URL"):
+                        self._info = None
+                    self._connect()
+                    for _, cfg_msg in list(self.deployed.values()):
+                        self._request_nowait(cfg_msg)
+                conn = self.conn
+        return conn
 
     def _reconnect(self) -> None:
         delay = 0.05
@@ -315,7 +338,7 @@ class Client:
         rid = next(self._rid)
         slot = (threading.Event(), [])
         self.replies[rid] = slot
-        self.conn.send({**meta, "rid": rid}, bufs)
+        self._live().send({**meta, "rid": rid}, bufs)
         return slot
 
     def request(self, meta: dict[str, Any], bufs: list[Any] = (), timeout: float = 60) -> Any:
@@ -349,6 +372,8 @@ class Client:
             self._file_job[f] = jid
         meta: dict[str, Any] = {"op": "submit", "id": jid, "ep": endpoint, "c": call.codec,
                                 "stamp": wire.stamp()}  # fmt: skip
+        if self.same_host:
+            meta["paths"] = _user_paths()
         bufs: list[Any] = []
         meta["refs"] = _refs(blobs, bufs)
         h = _fn_hash(fn)
@@ -369,7 +394,7 @@ class Client:
         job.files = files
         self.jobs[jid] = job
         with self._lock:
-            self.conn.send(meta, [*bufs, *fn_bufs])
+            self._live().send(meta, [*bufs, *fn_bufs])
         if h is not None:
             self._sent_fns.add(h)
         return job
@@ -377,13 +402,13 @@ class Client:
     def _resend(self, job: JobState) -> None:
         meta, bufs = job.frame
         with self._lock:
-            self.conn.send(meta, bufs)
+            self._live().send(meta, bufs)
         if meta.get("fn"):
             self._sent_fns.add(meta["fn"])
 
     def cancel(self, job_id: str) -> None:
         with self._lock:
-            self.conn.send({"op": "cancel", "id": job_id})
+            self._live().send({"op": "cancel", "id": job_id})
 
     def job_status(self, job_id: str) -> dict[str, Any]:
         return self.request({"op": "status", "id": job_id})
@@ -439,6 +464,35 @@ class Client:
     def jobs_list(self, endpoint: str | None = None) -> list[dict[str, Any]]:
         params = {"endpoint": endpoint} if endpoint else {}
         return self._call("GET", "/v1/jobs", params=params)
+
+
+_USER_PATHS: tuple[tuple, tuple[str, ...]] = ((), ())
+
+
+def _user_paths() -> tuple[str, ...]:
+    """The caller's own code folders (working directory, script folder; not installed
+    packages): a worker on this machine adds them to its sys.path, so `import mylib` inside
+    a remote function finds the same mylib.py the notebook imports."""
+    global _USER_PATHS
+    key = (os.getcwd(), *sys.path)
+    if _USER_PATHS[0] != key:
+        import sysconfig
+
+        skip = {os.path.realpath(p) for p in sysconfig.get_paths().values()}
+        out = [key[0]]
+        for p in sys.path:
+            real = os.path.realpath(p or ".")
+            if (
+                os.path.isdir(real)
+                and real not in skip
+                and real not in out
+                and "site-packages" not in real
+                and "dist-packages" not in real
+                and not real.startswith(os.path.realpath(sys.base_prefix))
+            ):
+                out.append(real)
+        _USER_PATHS = (key, tuple(out))
+    return _USER_PATHS[1]
 
 
 def _fn_hash(p: wire.Payload) -> str | None:

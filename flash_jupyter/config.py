@@ -109,7 +109,11 @@ class EndpointConfig:
                 f"execution_timeout must be a positive number of seconds or None, "
                 f"not {execution_timeout!r}"
             )
-        if not isinstance(max_concurrency, int) or not 1 <= max_concurrency <= 1000:
+        if (
+            not isinstance(max_concurrency, int)
+            or isinstance(max_concurrency, bool)
+            or not 1 <= max_concurrency <= 1000
+        ):
             raise ConfigError(f"max_concurrency must be an integer >= 1, not {max_concurrency!r}")
         deps = _str_tuple(dependencies, "dependencies")
         sysdeps = _str_tuple(system_dependencies, "system_dependencies")

@@ -86,7 +86,8 @@ class Job:
     def info(self) -> dict[str, Any]:
         """Status and timings (delayTime, executionTime ms; cold; coldStartTime; cost)."""
         if self._state.outcome is not None:
-            return {k: v for k, v in self._state.outcome.items() if k not in ("blobs", "refs")}
+            hidden = ("blobs", "refs", "op", "c")
+            return {k: v for k, v in self._state.outcome.items() if k not in hidden}
         try:
             return self._client.job_status(self.id)
         except errors.ControlPlaneError:

@@ -198,6 +198,12 @@ def find_unpicklable(obj: Any, path: str, depth: int = 0) -> tuple[str, Any] | N
 def describe_unpicklable(obj: Any, what: str, exc: BaseException) -> str:
     found = find_unpicklable(obj, what)
     path, culprit = found if found else (what, obj)
+    if what.startswith("the return value"):
+        return (
+            f"cannot return {path} (type {_type_name(culprit)}) from the worker: it cannot "
+            f"be pickled ({type(exc).__name__}: {exc}). Return something picklable, or keep "
+            f"it on the worker (a class endpoint can hold it between calls)."
+        )
     return (
         f"cannot send {path} (type {_type_name(culprit)}) to the worker: it cannot be pickled "
         f"({type(exc).__name__}: {exc}). Create it inside the remote function instead, or "

@@ -50,7 +50,7 @@ class Server:
         log = open(self.data_dir / "server.log", "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "flash_jupyter.server", "--host", "127.0.0.1",
-             "--port", str(self.port), "--wire-port", str(self.wire_port), "--token", self.token,
+             "--port", str(self.port), "--wire-port", str(self.wire_port), f"--token={self.token}",
              "--data-dir", str(self.data_dir), "--exit-with-parent", str(os.getpid()),
              "--ready-file", str(ready)],
             env=env, stdout=log, stderr=log,

@@ -279,3 +279,16 @@ def test_output_of_subprocesses_and_c_code_is_captured(client, name, capsys):
     out = capsys.readouterr()
     assert "from a subprocess" in out.out
     assert "straight to fd 2" in out.err
+
+
+def test_import_of_a_local_module_inside_the_function(client, name, tmp_path, monkeypatch):
+    (tmp_path / "fj_localmod.py").write_text("def triple(x):\n    return 3 * x\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    @Endpoint(name=name)
+    def use_it(x):
+        import fj_localmod  # only this notebook's folder has it
+
+        return fj_localmod.triple(x)
+
+    assert use_it(5) == 15

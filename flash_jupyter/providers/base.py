@@ -21,6 +21,7 @@ class Allocation:
     hardware: str  # what status views show, e.g. "A100" or "A100 (emulated on CPU)"
     emulated: bool
     devices: list[int] = field(default_factory=list)  # GPU indices (CUDA_VISIBLE_DEVICES)
+    type_name: str | None = None  # the catalogue type it got (a GPU list may allow several)
 
 
 @dataclass

@@ -52,6 +52,16 @@ def detect_gpus() -> list[tuple[int, str, catalog.HardwareType | None]]:
     return gpus
 
 
+def _last_line(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - 4096))
+            lines = f.read().decode("utf-8", "replace").strip().splitlines()
+        return lines[-1][:300] if lines else ""
+    except OSError:
+        return ""
+
+
 class LocalProvider:
     name = "local"
 
@@ -91,19 +101,19 @@ class LocalProvider:
         if self.in_use >= self.max_workers:
             return None
         if config.gpu:
-            matching = self._gpu_indices_for(config.gpu)
-            if len(matching) >= config.gpu_count:
-                free = [i for i in matching if i in self.free_gpus]
-                if len(free) < config.gpu_count:
-                    return None  # the host has them, all busy: Throttled
-                devices = free[: config.gpu_count]
-                self.free_gpus.difference_update(devices)
-                self.in_use += 1
-                names = {idx: hw.name for idx, _, hw in self.gpus if hw}
-                label = names[devices[0]] + (
-                    f" x{config.gpu_count}" if config.gpu_count > 1 else ""
-                )
-                return Allocation(label, False, devices)
+            # One type per worker, in the endpoint's order of preference.
+            n = config.gpu_count
+            host_has = [t for t in config.gpu if len(self._gpu_indices_for((t,))) >= n]
+            if host_has:
+                for t in host_has:
+                    free = [i for i in self._gpu_indices_for((t,)) if i in self.free_gpus]
+                    if len(free) >= n:
+                        devices = free[:n]
+                        self.free_gpus.difference_update(devices)
+                        self.in_use += 1
+                        label = t + (f" x{n}" if n > 1 else "")
+                        return Allocation(label, False, devices, t)
+                return None  # the host has them, all busy: Throttled
             if self.strict_gpu:
                 have = ", ".join(n for _, n, _ in self.gpus) or "no NVIDIA GPU"
                 raise PlacementError(
@@ -113,7 +123,7 @@ class LocalProvider:
                 )
             self.in_use += 1
             label = config.gpu[0] + (f" x{config.gpu_count}" if config.gpu_count > 1 else "")
-            return Allocation(f"{label} (emulated on CPU)", True, [])
+            return Allocation(f"{label} (emulated on CPU)", True, [], config.gpu[0])
         self.in_use += 1
         return Allocation(config.cpu or catalog.DEFAULT_CPU, False, [])
 
@@ -144,7 +154,7 @@ class LocalProvider:
         )
         env["FLASH_JUPYTER_WORKER_TOKEN"] = self._token
         self._spare_ready = asyncio.Event()
-        proc = await self._exec(sys.executable, env)
+        proc = await self._exec(sys.executable, env, "spare")
         self._spare_proc = proc
 
         def spare_exit(rc: int | None, reason: str) -> None:
@@ -197,7 +207,11 @@ class LocalProvider:
         }
         user_env = dict(cfg.env)
         user_env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in spec.allocation.devices)
-        needs_env = bool(cfg.dependencies or cfg.system_dependencies)
+        # Variables an interpreter or the loader reads at start-up cannot be applied to a
+        # running spare; such endpoints get a fresh process.
+        needs_env = bool(cfg.dependencies or cfg.system_dependencies) or any(
+            k.startswith(("PYTHON", "LD_")) for k in cfg.env
+        )
         if not needs_env and self._spare_proc is not None and self._spare_conn is None:
             # A spare is on its way (just after start-up): it will be ready before a fresh
             # interpreter would be.
@@ -222,28 +236,37 @@ class LocalProvider:
         env.update(user_env)
         env["FLASH_JUPYTER_WORKER"] = json.dumps(worker)
         env["FLASH_JUPYTER_WORKER_TOKEN"] = spec.token
-        proc = await self._exec(python, env)
+        proc = await self._exec(python, env, spec.worker_id)
         proc._flash_on_exit = on_exit  # type: ignore[attr-defined]
         self._replenish_spare()
         return proc
 
-    async def _exec(self, python: str, env: dict[str, str]) -> Any:
+    async def _exec(self, python: str, env: dict[str, str], log_name: str) -> Any:
         env.pop("FLASH_JUPYTER_URL", None)
-        proc = await asyncio.create_subprocess_exec(
-            python,
-            "-m",
-            "flash_jupyter.worker",
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=None,
-            stderr=None,
-            start_new_session=True,  # an interrupt in the notebook's terminal stays there
-        )
+        logs = self.data_dir / "logs"
+        logs.mkdir(exist_ok=True)
+        log_path = logs / f"{log_name}.log"
+        # What a worker prints outside any job (and why it died, if it does) goes here.
+        with open(log_path, "ab") as log:
+            proc = await asyncio.create_subprocess_exec(
+                python,
+                "-m",
+                "flash_jupyter.worker",
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,  # an interrupt in the notebook's terminal stays there
+            )
 
         async def watch() -> None:
             rc = await proc.wait()
             if rc is None or rc >= 0:
                 reason = f"exited with code {rc}"
+                if rc:
+                    last = _last_line(log_path)
+                    if last:
+                        reason += f" ({last})"
             else:
                 try:
                     reason = f"killed by {signal.Signals(-rc).name}"

@@ -57,6 +57,7 @@ async def run_server(
     ready_file: Path | None = None,
 ) -> None:
     data_dir = paths.ensure_private_dir(Path(data_dir or paths.home()))
+    lock = _exclusive(data_dir)
     token = token or secrets.token_urlsafe(24)
     instance = secrets.token_hex(4)
     http_sock = _bind(host, port)
@@ -78,6 +79,17 @@ async def run_server(
         "started": time.time(),
     }
     loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def request_stop(*_: Any) -> None:
+        stop.set()
+
+    # First thing: a SIGTERM that arrives during start-up still stops us cleanly.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, request_stop)
+        except (NotImplementedError, RuntimeError):
+            pass
     http_future: asyncio.Future = loop.create_future()
 
     def load_http() -> None:
@@ -98,22 +110,17 @@ async def run_server(
     if ready_file is not None:
         _write_private(ready_file, runtime)
 
-    uvicorn, build_app = await http_future
-    app = build_app(cp, token, public)
-    config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
-    server = uvicorn.Server(config)
-    stop = asyncio.Event()
-
-    def request_stop(*_: Any) -> None:
-        stop.set()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, request_stop)
-        except (NotImplementedError, RuntimeError):
-            pass
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-    serve_task = asyncio.ensure_future(server.serve(sockets=[http_sock]))
+    async def start_http() -> Any:
+        uvicorn, build_app = await http_future
+        server = uvicorn.Server(
+            uvicorn.Config(
+                build_app(cp, token, public), log_level="warning", lifespan="off",
+                access_log=False, timeout_graceful_shutdown=2,
+            )
+        )  # fmt: skip
+        # The control plane owns SIGINT/SIGTERM (it must stop its workers and close the
+        # bills); uvicorn's serve() would take them over and re-raise them at its end.
+        await server._serve(sockets=[http_sock])
 
     async def watchdogs() -> None:
         quiet_since = time.monotonic()
@@ -122,32 +129,54 @@ async def run_server(
             if parent_pid and not _alive(parent_pid):
                 stop.set()
             if idle_shutdown:
-                busy = any(
+                busy = bool(cp.clients) or any(
                     w.live or ep.queue for ep in cp.endpoints.values() for w in ep.workers.values()
-                ) or bool(cp.clients)
+                )
                 if busy:
                     quiet_since = time.monotonic()
                 elif time.monotonic() - quiet_since > idle_shutdown:
                     stop.set()
 
+    http_task = asyncio.ensure_future(start_http())
     wd = asyncio.ensure_future(watchdogs())
     await stop.wait()
     wd.cancel()
     wire_server.close()
     await cp.shutdown()
-    server.should_exit = True
+    http_task.cancel()
     try:
-        await asyncio.wait_for(serve_task, timeout=5)
-    except (asyncio.TimeoutError, Exception):
+        await asyncio.wait_for(http_task, timeout=5)
+    except (asyncio.TimeoutError, asyncio.CancelledError, Exception):
         pass
     store.close()
+    _remove_runtime(data_dir)
+    cp.clean_spool()
+    lock.close()
+
+
+def _remove_runtime(data_dir: Path) -> None:
     current = paths.read_runtime(data_dir)
     if current and current.get("pid") == os.getpid():
         try:
             paths.runtime_file(data_dir).unlink()
         except OSError:
             pass
-    cp.clean_spool()
+
+
+def _exclusive(data_dir: Path) -> Any:
+    """Hold the data dir's lock for this process's life: one control plane per data dir."""
+    import fcntl
+
+    f = open(data_dir / "serve.lock", "a+")  # noqa: SIM115 - held until shutdown
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = paths.read_runtime(data_dir) or {}
+        raise SystemExit(
+            f"flash-jupyter: a control plane already runs on {data_dir} "
+            f"(pid {other.get('pid', '?')}, {other.get('url', '?')})"
+        ) from None
+    return f
 
 
 def _write_private(path: Path, data: dict[str, Any]) -> None:

@@ -23,6 +23,7 @@ from . import model as m
 from .events import EventBus
 from .store import Store
 
+START_FAILURES = 3  # a worker that dies this often before connecting fails the queue
 MAX_RETRIES = int(os.environ.get("FLASH_JUPYTER_MAX_RETRIES", "2"))
 RESULT_TTL = 30 * 60  # seconds a finished job stays queryable (Runpod keeps /run results 30 min)
 CANCEL_GRACE = 2.0  # seconds a worker has to stop a cancelled job before it is replaced
@@ -106,6 +107,9 @@ class ControlPlane:
             elif job.status in m.TERMINAL and ep is not None:
                 ep.failed += 1
         self.clean_spool()
+        keep = {ep.handler for ep in self.endpoints.values() if ep.handler}
+        keep.update(j.fn for j in self.jobs.values() if j.fn and j.status not in m.TERMINAL)
+        self.store.prune_functions(keep)
         for name in self.endpoints:
             self.kick(name)
         self._tick_task = asyncio.ensure_future(self._ticker())
@@ -252,6 +256,7 @@ class ControlPlane:
         fn: str | None = None,
         owner: Any = None,
         job_id: str | None = None,
+        on_commit: Any = None,
     ) -> m.Job:
         ep = self.endpoint(endpoint)
         if kind == "json":
@@ -267,7 +272,7 @@ class ControlPlane:
         job = m.Job(jid, endpoint, kind, fn, body, owner=owner)
         self.jobs[jid] = job
         ep.queue.append(jid)
-        self.store.insert_job(job)
+        self.store.insert_job(job, after=on_commit)
         self._publish_job(job)
         self.kick(endpoint)
         return job
@@ -328,7 +333,7 @@ class ControlPlane:
                 w.jobs.discard(job.id)
             w.last_active = time.monotonic()
         if ep is not None:
-            price = ep.config.price_per_second
+            price = w.price if w is not None and w.live else ep.config.price_per_second
             if job.started is not None:
                 secs = job.finished - job.started
                 if job.cold and job.cold_start_ms:
@@ -416,7 +421,8 @@ class ControlPlane:
         return needed
 
     def clean_spool(self) -> None:
-        """Remove spool files no unfinished job refers to (at start and at shutdown)."""
+        """Remove spool files no unfinished job refers to (at start and at shutdown), and
+        the folders left empty."""
         if not self.spool or not os.path.isdir(self.spool):
             return
         needed = self._needed_files()
@@ -428,6 +434,15 @@ class ControlPlane:
                 p = os.path.join(folder, n)
                 if p not in needed:
                     shm.discard([("shm", p, 0)])
+            try:
+                os.rmdir(folder)
+            except OSError:
+                pass
+        if self.closing:
+            try:
+                os.rmdir(self.spool)
+            except OSError:
+                pass
 
     # ------------------------------------------------------------------ views
     def status_payload(self, job: m.Job) -> dict[str, Any]:
@@ -441,7 +456,10 @@ class ControlPlane:
         if job.status == m.COMPLETED and job.kind == "json" and job.result is not None:
             d["output"] = job.result.get("output")
         if job.error is not None:
-            d["error"] = job.error.get("message") if job.kind == "json" else job.error
+            if job.kind == "json":
+                d["error"] = job.error.get("message")
+            else:  # JSON-safe: the pickled exception itself only travels on the wire
+                d["error"] = {k: v for k, v in job.error.items() if k != "exc"}
         d["retries"] = job.retries
         d["cold"] = job.cold
         if job.cold_start_ms is not None:
@@ -489,13 +507,15 @@ class ControlPlane:
             "uptime_s": round(now - w.start_signal, 3) if w.live and w.start_signal else 0,
             "idle_s": round(time.monotonic() - w.last_active, 3) if w.ready and not w.jobs else 0,
             "billed_seconds": w.billed_seconds(now) if w.live else 0,
-            "cost": round(w.billed_seconds(now) * ep.config.price_per_second, 8) if w.live else 0,
+            "cost": round(w.billed_seconds(now) * w.price, 8) if w.live else 0,
+            "price_per_second": w.price if w.live else ep.config.price_per_second,
             "reason": w.reason,
         }
 
     def endpoint_view(self, ep: m.EndpointState) -> dict[str, Any]:
-        live_seconds = sum(w.billed_seconds() for w in ep.workers.values() if w.live)
-        live_cost = live_seconds * ep.config.price_per_second
+        live = [w for w in ep.workers.values() if w.live]
+        live_seconds = sum(w.billed_seconds() for w in live)
+        live_cost = sum(w.billed_seconds() * w.price for w in live)
         return {
             "name": ep.name,
             "config": ep.config.to_dict(),
@@ -599,7 +619,9 @@ class ControlPlane:
                         and w.live
                         and not w.stopping
                     ):
-                        self._stop_worker(w, f"did not stop cancelled job {jid}", kill=True)
+                        self._stop_worker(
+                            w, f"did not stop cancelled job {jid}", kill=True, requeue=True
+                        )
             self._reconcile(ep)
         if now - self._last_prune > 60:
             self._last_prune = now
@@ -724,6 +746,8 @@ class ControlPlane:
             meta["c"] = body.get("codec", "cloudpickle")
             meta["refs"] = _refs(body.get("blobs") or (), bufs)
             meta["stamp"] = body.get("stamp")
+            if body.get("paths"):
+                meta["paths"] = body["paths"]
         w.conn.send(meta, bufs)
         self.store.update_job(job)
         self._publish_job(job)
@@ -752,7 +776,7 @@ class ControlPlane:
         w.ready_at = None
         w.cold_start_ms = None
         w.env_hash = cfg.env_hash
-        w.price = cfg.price_per_second  # type: ignore[attr-defined]
+        w.price = _price(cfg, alloc)
         w.jobs_run = 0
         w.fns = set()
         w.stopping = False
@@ -912,8 +936,7 @@ class ControlPlane:
                     self.kick(other.name)
         if w.start_signal is not None:
             secs = max(1, math.ceil(stopped - w.start_signal))
-            price = getattr(w, "price", ep.config.price_per_second)
-            cost = secs * price
+            cost = secs * w.price
             ep.billed_seconds += secs
             ep.billed_cost += cost
             ep.session_seconds += secs
@@ -938,6 +961,11 @@ class ControlPlane:
             w.retry_at = time.monotonic() + backoff(w.crashes)
             w.reason = f"worker process {reason}"
             self._log(ep, None, "system", f"[{w.id}] {w.reason}; restarting with backoff\n")
+            if w.ready_at is None and w.crashes >= START_FAILURES:
+                # It never came up, several times over: waiting longer helps nobody.
+                self._fail_queued(
+                    ep, f"workers of {ep.name!r} fail to start ({w.crashes} times): {w.reason}"
+                )
         self._publish_worker(w)
         if w.removing and ep.name in self.endpoints:
             del ep.workers[w.id]
@@ -1019,6 +1047,15 @@ class ControlPlane:
             ep = self.endpoints.get(w.endpoint)
             if ep is not None:
                 self.events.publish("worker", **self.worker_view(w, ep))
+
+
+def _price(cfg: EndpointConfig, alloc: Allocation) -> float:
+    """Per-second price of one worker: the GPU type it actually got, times gpu_count."""
+    if alloc.type_name and cfg.gpu:
+        from .. import catalog
+
+        return catalog.lookup(alloc.type_name, "gpu").price_per_second * cfg.gpu_count
+    return cfg.price_per_second
 
 
 def _refs(blobs: Iterable[Any], bufs: list[Any]) -> list[Any]:

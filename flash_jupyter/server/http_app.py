@@ -105,13 +105,21 @@ def build_app(cp: ControlPlane, token: str, info: dict[str, Any]) -> Any:
     async def get_info(request: Request) -> Response:
         return JSONResponse({**info, "version": __version__, "provider": cp.provider.describe()})
 
+    async def submit_committed(name: str, body: dict[str, Any]) -> m.Job:
+        """Queue a job and return once it is on disk: an answered /run survives a crash."""
+        committed = asyncio.get_running_loop().create_future()
+        job = cp.submit(name, "json", body, on_commit=lambda: committed.set_result(None))
+        await committed
+        return job
+
     # -- Runpod job API
     @guard
     async def run(request: Request) -> Response:
         name = request.path_params["name"]
         cp.endpoint(name)
-        job = cp.submit(name, "json", job_input(await body_json(request)))
-        return JSONResponse({"id": job.id, "status": job.status})
+        job = await submit_committed(name, job_input(await body_json(request)))
+        # As Runpod answers: accepted into the queue (it may have started since).
+        return JSONResponse({"id": job.id, "status": m.IN_QUEUE})
 
     @guard
     async def runsync(request: Request) -> Response:
@@ -121,7 +129,7 @@ def build_app(cp: ControlPlane, token: str, info: dict[str, Any]) -> Any:
             wait = float(request.query_params.get("wait", RUNSYNC_WAIT * 1000)) / 1000
         except ValueError:
             raise HTTPError(400, "wait must be a number of milliseconds") from None
-        job = cp.submit(name, "json", job_input(await body_json(request)))
+        job = await submit_committed(name, job_input(await body_json(request)))
         if job.status not in m.TERMINAL:
             fut = asyncio.get_running_loop().create_future()
             job.waiters.append(fut)

@@ -93,6 +93,7 @@ class Worker:
     retry_at: float = 0.0
     reason: str = ""
     cold_start_ms: float | None = None
+    price: float = 0.0  # per second, set at each start from what the worker got
 
     @property
     def live(self) -> bool:

@@ -1,9 +1,11 @@
 """SQLite persistence of endpoints, jobs, workers, functions and the billing ledger.
 
 Writes are queued and committed together once per event-loop turn (group commit), so a
-burst of 2,000 submissions costs a handful of transactions, and a submission is
-acknowledged only after the transaction holding it has committed: a control plane that
-stops after the acknowledgement still has the job when it comes back.
+burst of 2,000 submissions costs a handful of transactions. An HTTP /run is answered only
+after the transaction holding its job has committed, so a control plane that stops after
+answering still has the job when it comes back. Wire clients do not wait for the commit:
+they keep each payload until its result arrives and resubmit whatever a restarted control
+plane does not know (see client.py), which gives them the same guarantee for free.
 WAL with synchronous=NORMAL: durable against a crash of the process, which is the fault
 this store is for (power loss may drop the last transactions).
 """
@@ -20,7 +22,7 @@ from typing import Any
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS endpoints (
     name TEXT PRIMARY KEY, config TEXT NOT NULL, config_hash TEXT NOT NULL,
-    handler TEXT, created REAL NOT NULL, updated REAL NOT NULL, stopped INTEGER DEFAULT 0
+    handler TEXT, created REAL NOT NULL, updated REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS functions (hash TEXT PRIMARY KEY, codec TEXT, blobs BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (
@@ -105,6 +107,12 @@ class Store:
             "INSERT OR IGNORE INTO functions(hash, codec, blobs) VALUES (?,?,?)",
             (h, codec, pickle.dumps([bytes(b) for b in blobs], protocol=5)),
         )
+
+    def prune_functions(self, keep: set[str]) -> None:
+        """Forget functions no endpoint handler and no unfinished job needs."""
+        have = {h for (h,) in self.db.execute("SELECT hash FROM functions")}
+        for h in have - keep:
+            self.write("DELETE FROM functions WHERE hash=?", (h,))
 
     def load_function(self, h: str) -> tuple[str, list[bytes]] | None:
         row = self.db.execute("SELECT codec, blobs FROM functions WHERE hash=?", (h,)).fetchone()

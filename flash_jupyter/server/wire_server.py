@@ -157,6 +157,8 @@ class Connection:
         fn = meta.get("fn")
         body: dict[str, Any] = {"codec": meta.get("c", "cloudpickle"), "stamp": meta.get("stamp"),
                                 "blobs": _take(meta["refs"], bufs)}  # fmt: skip
+        if meta.get("paths"):
+            body["paths"] = meta["paths"]
         if "fnrefs" in meta:
             blobs = _take(meta["fnrefs"], bufs)
             if fn:

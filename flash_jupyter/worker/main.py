@@ -47,6 +47,7 @@ class Worker:
         self.fns: OrderedDict[str, Any] = OrderedDict()
         self.instances: dict[tuple[str, str], Any] = {}
         self.cancelled: set[str] = set()
+        self._paths_seen: set[tuple[str, ...]] = set()
         self.current: str | None = None  # job running on the main thread
         self.lock = threading.Lock()
         self.pending: list[tuple[dict[str, Any], list[Any]]] = []
@@ -199,6 +200,8 @@ class Worker:
         try:
             if kind == "py" and meta.get("stamp"):
                 wire.check_stamp(meta["stamp"])
+            if meta.get("paths"):
+                self._add_paths(meta["paths"])
             fn = self._function(meta, bufs)
             if kind == "json":
                 value = fn(**(meta.get("input") or {}))
@@ -237,6 +240,15 @@ class Worker:
             self.capture.end()
             if self.fds is not None:
                 self.fds.drain(jid)
+
+    def _add_paths(self, paths: list[str]) -> None:
+        key = tuple(paths)
+        if key in self._paths_seen:
+            return
+        self._paths_seen.add(key)
+        for p in paths:
+            if p not in sys.path:
+                sys.path.append(p)  # after installed packages: never shadow them
 
     def _invoke(self, fn: Any, h: str | None, call: tuple) -> Any:
         if call[0] == "call":
