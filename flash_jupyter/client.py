@@ -79,6 +79,8 @@ def start_local(data_dir: Path | None = None, extra_args: list[str] = ()) -> dic
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
                 close_fds=True,
             )  # fmt: skip
+        # Reap it when it ends, so it never lingers as a zombie of this process.
+        threading.Thread(target=proc.wait, name="flash-reap", daemon=True).start()
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             info = paths.read_runtime(data_dir)

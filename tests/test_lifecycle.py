@@ -105,7 +105,9 @@ def test_first_call_is_cold_then_warm_then_cold_again_after_idle(client, name, c
     p1 = j1.result(timeout=30)
     i1 = j1.info()
     assert i1["cold"] is True
-    assert isinstance(i1["coldStartTime"], int) and i1["coldStartTime"] > 0
+    # Whole milliseconds; an adopted spare process can start a worker in under one.
+    assert isinstance(i1["coldStartTime"], int) and i1["coldStartTime"] >= 0
+    assert i1["executionTime"] >= 0 and i1["delayTime"] >= i1["coldStartTime"] - 5
 
     j2 = where.submit()
     p2 = j2.result(timeout=30)
