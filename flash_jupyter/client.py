@@ -86,7 +86,7 @@ def start_local(data_dir: Path | None = None, extra_args: list[str] = ()) -> dic
             info = paths.read_runtime(data_dir)
             if info and info.get("pid") == proc.pid:
                 return info
-            if proc.poll() is not None:
+            if proc.returncode is not None:  # set by the reaping thread
                 raise errors.ControlPlaneError(
                     f"the control plane exited at start (code {proc.returncode}); "
                     f"see {data_dir / 'server.log'}"
