@@ -26,7 +26,8 @@ from ..config import EndpointConfig
 from .base import Allocation, PlacementError, WorkerSpec
 from .environments import ensure_environment
 
-SPARE_DELAY = 0.5  # seconds after an adoption before the next spare starts
+SPARE_DELAY = 0.5  # seconds after an adoption before the next spare may start
+SPARE_PATIENCE = 10.0  # ... and at the latest, busy or not
 SPARE_WAIT = 2.0  # at most this long for a spare that is starting up
 
 
@@ -88,10 +89,12 @@ class LocalProvider:
         self._spare_proc: Any = None
         self._spare_conn: Any = None
         self._spare_pending: Any = None
+        self._spare_task: Any = None
         self._spare_ready: Any = None  # an asyncio.Event, made on the loop
         self._closing = False
         self._wire: tuple[str, int] = ("127.0.0.1", 0)
         self._token = ""
+        self._quiet: Callable[[], bool] = lambda: True
 
     # -- placement
     def _gpu_indices_for(self, types: tuple[str, ...]) -> list[int]:
@@ -132,7 +135,9 @@ class LocalProvider:
         self.free_gpus.update(allocation.devices)
 
     # -- processes
-    async def prepare(self, wire: tuple[str, int], token: str) -> None:
+    async def prepare(
+        self, wire: tuple[str, int], token: str, quiet: Callable[[], bool] | None = None
+    ) -> None:
         """Keep one spare worker process ready (imports done, connected, no endpoint yet).
 
         A cold start of an endpoint without dependencies adopts it: the spare applies the
@@ -141,6 +146,7 @@ class LocalProvider:
         plays the same role. ``FLASH_JUPYTER_SPARE_WORKERS=0`` turns it off.
         """
         self._wire, self._token = wire, token
+        self._quiet = quiet or (lambda: True)
         if self.spare_workers:
             await self._spawn_spare()
 
@@ -183,12 +189,19 @@ class LocalProvider:
         if self._spare_proc is not None:
             self.kill(self._spare_proc)
 
-    def _replenish_spare(self) -> None:
-        # Later, not now: the new interpreter would compete with the job just adopted.
-        if self.spare_workers and self._spare_pending is None and not self._closing:
+    def _replenish_spare(self, waited: float = 0.0) -> None:
+        # Later, not now: a new interpreter would take CPU from the jobs running. Wait for
+        # a quiet moment (no job dispatched lately), or SPARE_PATIENCE at most.
+        if not self.spare_workers or self._closing or self._spare_proc is not None:
+            return
+        if waited >= SPARE_DELAY and (self._quiet() or waited >= SPARE_PATIENCE):
+            self._spare_pending = None
+            self._spare_task = asyncio.ensure_future(self._spawn_spare())
+            return
+        if self._spare_pending is None or waited:
             loop = asyncio.get_running_loop()
             self._spare_pending = loop.call_later(
-                SPARE_DELAY, lambda: asyncio.ensure_future(self._spawn_spare())
+                SPARE_DELAY, self._replenish_spare, waited + SPARE_DELAY
             )
 
     async def start(

@@ -26,6 +26,7 @@ from .store import Store
 from .wire_server import Connection
 
 HTTP_DELAY = 0.25
+HTTP_PATIENCE = 2.0  # load the HTTP stack by then even if jobs keep the loop busy
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -92,12 +93,22 @@ async def run_server(
             pass
     http_future: asyncio.Future = loop.create_future()
 
-    def load_http() -> None:
-        f = loop.run_in_executor(None, _load_http)
-        f.add_done_callback(lambda r: http_future.set_result(r.result()))
+    def load_http(waited: float = 0.0) -> None:
+        if not (cp.quiet(0.1) or waited >= HTTP_PATIENCE):
+            loop.call_later(0.05, load_http, waited + 0.05)
+            return
+        # Short GIL slices while the import thread runs: the loop keeps answering promptly.
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(0.0005)
 
-    # The HTTP stack loads a moment after the wire is up, in a thread: a cold first call
-    # (wire only) does not wait for it, nor share the interpreter lock with it.
+        def loaded(r: asyncio.Future) -> None:
+            sys.setswitchinterval(switch)
+            http_future.set_result(r.result())
+
+        loop.run_in_executor(None, _load_http).add_done_callback(loaded)
+
+    # The HTTP stack loads after the wire is up, in a thread, in a quiet moment: a cold first
+    # call (wire only) does not wait for it, nor share the interpreter lock with it.
     loop.call_later(HTTP_DELAY, load_http)
     store = Store(data_dir / "flash.db")
     provider = get_provider("local", data_dir=data_dir)
@@ -138,6 +149,11 @@ async def run_server(
                     stop.set()
 
     http_task = asyncio.ensure_future(start_http())
+    # What start-up made lives as long as the process: keep the collector from walking it
+    # again and again (full collections are the control plane's longest pauses).
+    import gc
+
+    gc.freeze()
     wd = asyncio.ensure_future(watchdogs())
     await stop.wait()
     wd.cancel()

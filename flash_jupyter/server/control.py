@@ -13,6 +13,7 @@ import math
 import os
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
@@ -25,6 +26,7 @@ from .store import Store
 
 START_FAILURES = 3  # a worker that dies this often before connecting fails the queue
 MAX_RETRIES = int(os.environ.get("FLASH_JUPYTER_MAX_RETRIES", "2"))
+RECENT_JOBS = 10_000  # finished jobs kept in memory; older ones are read from the store
 RESULT_TTL = 30 * 60  # seconds a finished job stays queryable (Runpod keeps /run results 30 min)
 CANCEL_GRACE = 2.0  # seconds a worker has to stop a cancelled job before it is replaced
 STOP_GRACE = 3.0  # seconds between SIGTERM and SIGKILL
@@ -69,6 +71,8 @@ class ControlPlane:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.closing = False
         self.clients: set[Any] = set()  # open client connections
+        self._recent: deque[str] = deque()  # finished jobs kept in memory, oldest first
+        self.last_activity = 0.0  # monotonic time of the last dispatch or finish
         self.writers: dict[str, Any] = {}  # spool writer folder -> its connection
 
     # ------------------------------------------------------------------ startup
@@ -84,12 +88,17 @@ class ControlPlane:
             if ep_name in self.endpoints:
                 self.endpoints[ep_name].billed_seconds = int(tot["seconds"])
                 self.endpoints[ep_name].billed_cost = tot["cost"]
-        for row in self.store.load_jobs():
+        for ep_name, counts in self.store.job_counts().items():
+            if ep_name in self.endpoints:
+                self.endpoints[ep_name].completed = counts["completed"]
+                self.endpoints[ep_name].failed = counts["failed"]
+        for row in self.store.load_jobs(recent=RECENT_JOBS):
             ep = self.endpoints.get(row["endpoint"])
-            job = m.Job(**{k: row[k] for k in ("id", "endpoint", "kind", "fn", "body", "created")})
-            for k in ("status", "started", "finished", "worker_id", "retries", "cold",
-                      "cold_start_ms", "result", "error", "cost"):  # fmt: skip
-                setattr(job, k, row[k])
+            job = _job_from_row(row)
+            if job.status in m.TERMINAL:
+                self.jobs[job.id] = job
+                self._recent.append(job.id)
+                continue
             if ep is None and job.status not in m.TERMINAL:
                 job.status, job.error = m.FAILED, {"message": "endpoint was deleted"}
                 job.finished = time.time()
@@ -102,10 +111,6 @@ class ControlPlane:
                 self.store.update_job(job)
             if job.status == m.IN_QUEUE and ep is not None:
                 ep.queue.append(job.id)
-            elif job.status == m.COMPLETED and ep is not None:
-                ep.completed += 1
-            elif job.status in m.TERMINAL and ep is not None:
-                ep.failed += 1
         self.clean_spool()
         keep = {ep.handler for ep in self.endpoints.values() if ep.handler}
         keep.update(j.fn for j in self.jobs.values() if j.fn and j.status not in m.TERMINAL)
@@ -115,7 +120,7 @@ class ControlPlane:
         self._tick_task = asyncio.ensure_future(self._ticker())
         prepare = getattr(self.provider, "prepare", None)
         if prepare is not None:
-            await prepare(self.wire_addr, self.token)
+            await prepare(self.wire_addr, self.token, self.quiet)
 
     async def shutdown(self) -> None:
         """Stop every worker and wait for them, so the ledger closes every bill."""
@@ -267,7 +272,8 @@ class ControlPlane:
                 )
             fn = ep.handler
         jid = job_id or uuid.uuid4().hex
-        if jid in self.jobs:
+        old = self.jobs.get(jid)
+        if old is not None and old.status not in m.TERMINAL:
             raise ValueError(f"job id {jid!r} already exists")
         job = m.Job(jid, endpoint, kind, fn, body, owner=owner)
         self.jobs[jid] = job
@@ -277,8 +283,17 @@ class ControlPlane:
         self.kick(endpoint)
         return job
 
-    def job(self, job_id: str, endpoint: str | None = None) -> m.Job:
+    def find_job(self, job_id: str) -> m.Job | None:
+        """A job in memory, or a finished one from the store (older than the recent few)."""
         job = self.jobs.get(job_id)
+        if job is None:
+            row = self.store.load_job(job_id)
+            if row is not None:
+                job = _job_from_row(row)
+        return job
+
+    def job(self, job_id: str, endpoint: str | None = None) -> m.Job:
+        job = self.find_job(job_id)
         if job is None or (endpoint is not None and job.endpoint != endpoint):
             raise NotFound(
                 f"no job {job_id!r}" + (f" on endpoint {endpoint!r}" if endpoint else "")
@@ -325,6 +340,7 @@ class ControlPlane:
             return
         job.status = status
         job.finished = time.time()
+        self.last_activity = time.monotonic()
         job.result, job.error = result, error
         ep = self.endpoints.get(job.endpoint)
         w = ep.workers.get(job.worker_id) if ep and job.worker_id else None
@@ -345,8 +361,18 @@ class ControlPlane:
                 ep.completed += 1
             else:
                 ep.failed += 1
-        self.store.update_job(job)
+        if job.owner is not None and job.kind == "py" and status == m.COMPLETED:
+            # The result goes straight to its caller; the row only records the outcome. If
+            # it never arrives (a crash in between), the caller resubmits (see op_watch).
+            self.store.update_job(job, with_result=False)
+        else:
+            self.store.update_job(job)
         self._drop_inputs(job)
+        self._recent.append(job.id)
+        while len(self._recent) > RECENT_JOBS:
+            old = self.jobs.get(self._recent.popleft())
+            if old is not None and old.status in m.TERMINAL:
+                del self.jobs[old.id]
         if job.owner is not None:
             job.owner.deliver(job)
         for fut in job.waiters:
@@ -577,6 +603,10 @@ class ControlPlane:
         }
 
     # ------------------------------------------------------------------ scaling
+    def quiet(self, seconds: float = 0.3) -> bool:
+        """No job was dispatched or finished for ``seconds``: a moment for background work."""
+        return time.monotonic() - self.last_activity > seconds
+
     def kick(self, name: str) -> None:
         """Reconcile this endpoint soon (once per loop turn, however often asked)."""
         self._dirty.add(name)
@@ -642,8 +672,7 @@ class ControlPlane:
         for j in old:
             self._drop_results(j)
             del self.jobs[j.id]
-        if old:
-            self.store.delete_jobs_before(cutoff)
+        self.store.delete_jobs_before(cutoff)
 
     @staticmethod
     def _drop_results(job: m.Job) -> None:
@@ -724,6 +753,7 @@ class ControlPlane:
             job.deadline = time.monotonic() + ep.config.execution_timeout
         w.jobs_run += 1
         w.jobs.add(job.id)
+        self.last_activity = time.monotonic()
         meta: dict[str, Any] = {"op": "run", "id": job.id, "kind": job.kind}
         bufs: list[Any] = []
         body = job.body
@@ -749,7 +779,8 @@ class ControlPlane:
             if body.get("paths"):
                 meta["paths"] = body["paths"]
         w.conn.send(meta, bufs)
-        self.store.update_job(job)
+        # IN_PROGRESS is not written: after a crash a running job goes back to the queue
+        # anyway, so the row can say IN_QUEUE until the job ends (one commit per job saved).
         self._publish_job(job)
 
     # ------------------------------------------------------------------ workers
@@ -1047,6 +1078,14 @@ class ControlPlane:
             ep = self.endpoints.get(w.endpoint)
             if ep is not None:
                 self.events.publish("worker", **self.worker_view(w, ep))
+
+
+def _job_from_row(row: dict[str, Any]) -> m.Job:
+    job = m.Job(**{k: row[k] for k in ("id", "endpoint", "kind", "fn", "body", "created")})
+    for k in ("status", "started", "finished", "worker_id", "retries", "cold", "cold_start_ms",
+              "result", "error", "cost"):  # fmt: skip
+        setattr(job, k, row[k])
+    return job
 
 
 def _price(cfg: EndpointConfig, alloc: Allocation) -> float:

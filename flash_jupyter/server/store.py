@@ -15,9 +15,12 @@ from __future__ import annotations
 import json
 import pickle
 import sqlite3
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+CHECKPOINT_EVERY = 1.0  # seconds
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS endpoints (
@@ -45,7 +48,12 @@ class Store:
         self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
+        # A checkpoint syncs the database file: milliseconds. It runs in a thread of its
+        # own (see _checkpointer), never inside a commit on the event loop.
+        self.db.execute("PRAGMA wal_autocheckpoint=0")
         self.db.executescript(SCHEMA)
+        self._stop = threading.Event()
+        threading.Thread(target=self._checkpointer, name="sqlite-checkpoint", daemon=True).start()
         self._ops: list[tuple[str, tuple]] = []
         self._after: list[Callable[[], None]] = []
         self._scheduled = False
@@ -121,19 +129,20 @@ class Store:
     # -- jobs
     def insert_job(self, job: Any, after: Callable[[], None] | None = None) -> None:
         self.write(
-            "INSERT INTO jobs(id, endpoint, kind, status, fn, body, created, retries) "
+            "INSERT OR REPLACE INTO jobs(id, endpoint, kind, status, fn, body, created, retries) "
             "VALUES (?,?,?,?,?,?,?,?)",
             (job.id, job.endpoint, job.kind, job.status, job.fn, pickle.dumps(job.body, 5),
              job.created, job.retries),
             after,
         )  # fmt: skip
 
-    def update_job(self, job: Any) -> None:
+    def update_job(self, job: Any, with_result: bool = True) -> None:
+        result = job.result if with_result else None
         self.write(
             "UPDATE jobs SET status=?, started=?, finished=?, worker_id=?, retries=?, cold=?, "
             "cold_start_ms=?, result=?, error=?, cost=? WHERE id=?",
             (job.status, job.started, job.finished, job.worker_id, job.retries, int(job.cold),
-             job.cold_start_ms, None if job.result is None else pickle.dumps(job.result, 5),
+             job.cold_start_ms, None if result is None else pickle.dumps(result, 5),
              None if job.error is None else json.dumps(job.error, default=repr), job.cost,
              job.id),
         )  # fmt: skip
@@ -141,24 +150,47 @@ class Store:
     def delete_jobs_before(self, t: float) -> None:
         self.write("DELETE FROM jobs WHERE finished IS NOT NULL AND finished < ?", (t,))
 
-    def load_jobs(self) -> list[dict[str, Any]]:
-        cur = self.db.execute(
-            "SELECT id, endpoint, kind, status, fn, body, created, started, finished, worker_id, "
-            "retries, cold, cold_start_ms, result, error, cost FROM jobs ORDER BY created"
-        )
-        out = []
-        for r in cur:
-            out.append(
-                {
-                    "id": r[0], "endpoint": r[1], "kind": r[2], "status": r[3], "fn": r[4],
-                    "body": pickle.loads(r[5]) if r[5] is not None else None,
-                    "created": r[6], "started": r[7], "finished": r[8], "worker_id": r[9],
-                    "retries": r[10], "cold": bool(r[11]), "cold_start_ms": r[12],
-                    "result": pickle.loads(r[13]) if r[13] is not None else None,
-                    "error": json.loads(r[14]) if r[14] else None, "cost": r[15] or 0.0,
-                }
-            )  # fmt: skip
+    _JOB_COLS = (
+        "SELECT id, endpoint, kind, status, fn, body, created, started, finished, worker_id, "
+        "retries, cold, cold_start_ms, result, error, cost FROM jobs "
+    )
+
+    def load_jobs(self, recent: int = 0) -> list[dict[str, Any]]:
+        """Unfinished jobs, and the ``recent`` most recently finished ones, oldest first."""
+        rows = list(self.db.execute(self._JOB_COLS + "WHERE finished IS NULL"))
+        if recent:
+            rows += self.db.execute(
+                self._JOB_COLS + "WHERE finished IS NOT NULL ORDER BY finished DESC LIMIT ?",
+                (recent,),
+            ).fetchall()[::-1]
+        rows.sort(key=lambda r: r[6])
+        return [self._job_row(r) for r in rows]
+
+    def load_job(self, job_id: str) -> dict[str, Any] | None:
+        r = self.db.execute(self._JOB_COLS + "WHERE id=?", (job_id,)).fetchone()
+        return self._job_row(r) if r else None
+
+    def job_counts(self) -> dict[str, dict[str, int]]:
+        """Finished jobs per endpoint: {"completed": n, "failed": m}."""
+        out: dict[str, dict[str, int]] = {}
+        for ep, status, n in self.db.execute(
+            "SELECT endpoint, status, COUNT(*) FROM jobs WHERE finished IS NOT NULL "
+            "GROUP BY endpoint, status"
+        ):
+            d = out.setdefault(ep, {"completed": 0, "failed": 0})
+            d["completed" if status == "COMPLETED" else "failed"] += n
         return out
+
+    @staticmethod
+    def _job_row(r: tuple) -> dict[str, Any]:
+        return {
+            "id": r[0], "endpoint": r[1], "kind": r[2], "status": r[3], "fn": r[4],
+            "body": pickle.loads(r[5]) if r[5] is not None else None,
+            "created": r[6], "started": r[7], "finished": r[8], "worker_id": r[9],
+            "retries": r[10], "cold": bool(r[11]), "cold_start_ms": r[12],
+            "result": pickle.loads(r[13]) if r[13] is not None else None,
+            "error": json.loads(r[14]) if r[14] else None, "cost": r[15] or 0.0,
+        }  # fmt: skip
 
     # -- billing ledger
     def add_ledger(self, worker_id: str, endpoint: str, hardware: str, emulated: bool,
@@ -174,6 +206,17 @@ class Store:
         )
         return {ep: {"seconds": s or 0, "cost": c or 0.0} for ep, s, c in cur}
 
+    def _checkpointer(self) -> None:
+        db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        while not self._stop.wait(CHECKPOINT_EVERY):
+            try:
+                db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            except sqlite3.Error:
+                pass
+        db.close()
+
     def close(self) -> None:
         self.flush()
+        self._stop.set()
+        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self.db.close()

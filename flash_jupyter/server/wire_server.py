@@ -181,10 +181,13 @@ class Connection:
         """After a reconnect: take over delivery of these jobs; report unknown ones."""
         unknown = []
         for jid in meta["ids"]:
-            job = self.cp.jobs.get(jid)
-            if job is None or job.delivered:
-                unknown.append(jid)
+            job = self.cp.find_job(jid)
+            lost_result = job is not None and job.kind == "py" and job.status == m.COMPLETED \
+                and job.result is None  # fmt: skip
+            if job is None or job.delivered or lost_result:
+                unknown.append(jid)  # never recorded, or its result is gone: run it again
                 continue
+            self.cp.jobs.setdefault(jid, job)
             job.owner = self
             self.jobs.add(jid)
             if job.status in m.TERMINAL:
