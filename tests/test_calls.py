@@ -292,3 +292,20 @@ def test_import_of_a_local_module_inside_the_function(client, name, tmp_path, mo
         return fj_localmod.triple(x)
 
     assert use_it(5) == 15
+
+
+def test_max_concurrency_runs_jobs_side_by_side_on_one_worker(client, name):
+    @Endpoint(name=name, workers=1, max_concurrency=3)
+    def nap(t):
+        import os
+        import time
+
+        time.sleep(t)
+        return os.getpid()
+
+    nap(0)  # warm
+    t = time.monotonic()
+    jobs = [nap.submit(1.0) for _ in range(3)]
+    pids = {j.result(timeout=30) for j in jobs}
+    assert len(pids) == 1  # one worker ...
+    assert time.monotonic() - t < 2.5  # ... running the three at once, not one after another
