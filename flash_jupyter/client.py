@@ -377,7 +377,7 @@ class Client:
         if self.same_host:
             meta["paths"] = _user_paths()
         bufs: list[Any] = []
-        meta["refs"] = _refs(blobs, bufs)
+        meta["refs"] = shm.to_refs(blobs, bufs)
         h = _fn_hash(fn)
         fn_bufs: list[Any] = []
         fn_refs = None
@@ -502,17 +502,6 @@ def _fn_hash(p: wire.Payload) -> str | None:
     if p.buffers:
         return None
     return hashlib.blake2b(p.data, digest_size=16).hexdigest()
-
-
-def _refs(blobs: list[Any], bufs: list[Any]) -> list[Any]:
-    refs: list[Any] = []
-    for b in blobs:
-        if isinstance(b, tuple):
-            refs.append(list(b))
-        else:
-            refs.append(len(bufs))
-            bufs.append(b)
-    return refs
 
 
 # ---------------------------------------------------------------- the shared client

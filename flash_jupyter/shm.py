@@ -161,6 +161,24 @@ def open_blob(ref: Any, frame_bufs: list[Any], releaser: Releaser | None = None)
     return mm
 
 
+def to_refs(blobs: list[Any], bufs: list[Any]) -> list[Any]:
+    """Describe blobs for a frame: an index into the frame's buffers (appending the blob to
+    ``bufs``), or a shm file as ["shm", path, n]."""
+    refs: list[Any] = []
+    for b in blobs:
+        if isinstance(b, tuple):
+            refs.append(list(b))
+        else:
+            refs.append(len(bufs))
+            bufs.append(b)
+    return refs
+
+
+def from_refs(refs: list[Any], bufs: list[Any]) -> list[Any]:
+    """The inverse of to_refs, without mapping anything (the control plane's view)."""
+    return [bufs[r] if isinstance(r, int) else tuple(r) for r in refs]
+
+
 def writer_of(path: str) -> str:
     """The writer folder a spool file belongs to."""
     return os.path.basename(os.path.dirname(path))

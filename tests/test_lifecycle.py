@@ -11,17 +11,8 @@ import pytest
 from conftest import use_server, wait_for
 
 from flash_jupyter import ControlPlaneError, Endpoint
+from flash_jupyter.protocol import pid_alive
 from flash_jupyter.providers.local import detect_gpus
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def workers(client, name: str) -> list[dict]:

@@ -14,7 +14,6 @@ import os
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable
 from typing import Any
 
 from .. import shm
@@ -765,16 +764,16 @@ class ControlPlane:
                     self._finish(job, m.FAILED, error={"message": "function payload lost"})
                     return
                 meta["fnc"] = f[0]
-                meta["fnrefs"] = _refs(f[1], bufs)
+                meta["fnrefs"] = shm.to_refs(f[1], bufs)
                 w.fns.add(job.fn)
         elif body.get("fn_blobs"):
             meta["fnc"] = body["fn_codec"]
-            meta["fnrefs"] = _refs(body["fn_blobs"], bufs)
+            meta["fnrefs"] = shm.to_refs(body["fn_blobs"], bufs)
         if job.kind == "json":
             meta["input"] = body.get("input")
         else:
             meta["c"] = body.get("codec", "cloudpickle")
-            meta["refs"] = _refs(body.get("blobs") or (), bufs)
+            meta["refs"] = shm.to_refs(body.get("blobs") or (), bufs)
             meta["stamp"] = body.get("stamp")
             if body.get("paths"):
                 meta["paths"] = body["paths"]
@@ -1061,7 +1060,10 @@ class ControlPlane:
             if job.kind == "json":
                 result = {"output": meta.get("output")}
             else:
-                result = {"codec": meta.get("c", "cloudpickle"), "blobs": _take(meta["refs"], bufs)}
+                result = {
+                    "codec": meta.get("c", "cloudpickle"),
+                    "blobs": shm.from_refs(meta["refs"], bufs),
+                }
             self._finish(job, m.COMPLETED, result=result)
         else:
             err = meta.get("error") or {}
@@ -1095,22 +1097,6 @@ def _price(cfg: EndpointConfig, alloc: Allocation) -> float:
 
         return catalog.lookup(alloc.type_name, "gpu").price_per_second * cfg.gpu_count
     return cfg.price_per_second
-
-
-def _refs(blobs: Iterable[Any], bufs: list[Any]) -> list[Any]:
-    """Describe blobs for a frame: an index into the frame's buffers, or a shm file."""
-    refs: list[Any] = []
-    for b in blobs:
-        if isinstance(b, tuple):
-            refs.append(list(b))
-        else:
-            refs.append(len(bufs))
-            bufs.append(b)
-    return refs
-
-
-def _take(refs: list[Any], bufs: list[Any]) -> list[Any]:
-    return [bufs[r] if isinstance(r, int) else tuple(r) for r in refs]
 
 
 __all__ = ["Allocation", "ControlPlane", "NotFound"]

@@ -10,10 +10,10 @@ import hmac
 import time
 from typing import Any
 
-from .. import wire
+from .. import shm, wire
 from ..config import EndpointConfig
 from . import model as m
-from .control import ControlPlane, NotFound, _take
+from .control import ControlPlane, NotFound
 from .frames import FrameProtocol
 
 
@@ -45,14 +45,7 @@ class Connection:
         bufs: list[Any] = []
         if job.status == m.COMPLETED and job.result is not None and job.kind == "py":
             meta["c"] = job.result["codec"]
-            refs = []
-            for b in job.result["blobs"]:
-                if isinstance(b, tuple):
-                    refs.append(list(b))
-                else:
-                    refs.append(len(bufs))
-                    bufs.append(b)
-            meta["refs"] = refs
+            meta["refs"] = shm.to_refs(job.result["blobs"], bufs)
             job.result = None  # delivered: the client owns it now (and unlinks shm files)
             job.delivered = True
         if job.error is not None:
@@ -150,17 +143,17 @@ class Connection:
         cfg = EndpointConfig.from_dict(meta["config"])
         handler = meta.get("handler")
         if handler:
-            self.cp.put_function(handler, meta["hc"], _take(meta["hrefs"], bufs))
+            self.cp.put_function(handler, meta["hc"], shm.from_refs(meta["hrefs"], bufs))
         self._reply(meta, self.cp.deploy(cfg, handler))
 
     def op_submit(self, meta: dict[str, Any], bufs: list[bytearray]) -> None:
         fn = meta.get("fn")
         body: dict[str, Any] = {"codec": meta.get("c", "cloudpickle"), "stamp": meta.get("stamp"),
-                                "blobs": _take(meta["refs"], bufs)}  # fmt: skip
+                                "blobs": shm.from_refs(meta["refs"], bufs)}  # fmt: skip
         if meta.get("paths"):
             body["paths"] = meta["paths"]
         if "fnrefs" in meta:
-            blobs = _take(meta["fnrefs"], bufs)
+            blobs = shm.from_refs(meta["fnrefs"], bufs)
             if fn:
                 self.cp.put_function(fn, meta["fnc"], blobs)
             else:

@@ -218,14 +218,8 @@ class Worker:
             call = wire.loads(blobs[0], blobs[1:], meta.get("c", "cloudpickle"))
             value = self._settle(self._invoke(fn, meta.get("fn"), call), jid, stream=False)
             payload = wire.dumps(value, what="the return value")
-            out_blobs = shm.blobs_for(payload.data, payload.buffers, self.spool)
-            refs, out_bufs = [], []
-            for b in out_blobs:
-                if isinstance(b, tuple):
-                    refs.append(list(b))
-                else:
-                    refs.append(len(out_bufs))
-                    out_bufs.append(b)
+            out_bufs: list[Any] = []
+            refs = shm.to_refs(shm.blobs_for(payload.data, payload.buffers, self.spool), out_bufs)
             return {"op": "done", "id": jid, "ok": True, "c": payload.codec, "refs": refs}, out_bufs
         except Cancelled:
             raise
