@@ -65,6 +65,13 @@ def __getattr__(name: str):
     return value
 
 
+def load_ipython_extension(ip) -> None:
+    """``%load_ext flash_jupyter``: register the %%flash and %flash magics."""
+    from .jupyter.magics import load_ipython_extension as load
+
+    load(ip)
+
+
 def __dir__() -> list[str]:
     return sorted([*globals(), *_EXPORTS])
 

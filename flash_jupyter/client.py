@@ -269,6 +269,10 @@ class Client:
                     job.sink(meta["stream"], meta["text"])
                 else:
                     job.events.put(("out", (meta["stream"], meta["text"])))
+        elif op == "display":
+            job = self.jobs.get(meta["id"])
+            if job is not None:
+                job.events.put(("display", (meta["data"], meta.get("metadata") or {})))
         elif op == "reply":
             slot = self.replies.pop(meta["rid"], None)
             if slot is not None:
@@ -366,7 +370,15 @@ class Client:
         self.deployed[config["name"]] = (answer["config_hash"], {"op": "deploy", "config": config})
         return answer
 
-    def submit(self, endpoint: str, fn: wire.Payload, call: wire.Payload) -> JobState:
+    def submit(
+        self,
+        endpoint: str,
+        fn: wire.Payload | None,
+        call: wire.Payload,
+        affinity: dict[str, Any] | None = None,
+    ) -> JobState:
+        """Queue one call. ``fn`` None: the call needs no function (a notebook cell).
+        ``affinity``: run on this worker (its notebook state is there)."""
         jid = os.urandom(16).hex()
         blobs = shm.blobs_for(call.data, call.buffers, self.spool)
         files = [b[1] for b in blobs[1:] if isinstance(b, tuple)]
@@ -376,23 +388,26 @@ class Client:
                                 "stamp": wire.stamp()}  # fmt: skip
         if self.same_host:
             meta["paths"] = _user_paths()
+        if affinity:
+            meta["affinity"] = affinity
         bufs: list[Any] = []
         meta["refs"] = shm.to_refs(blobs, bufs)
-        h = _fn_hash(fn)
+        h = _fn_hash(fn) if fn is not None else None
         fn_bufs: list[Any] = []
-        fn_refs = None
-        if h is None or h not in self._sent_fns:
-            fn_blobs = shm.blobs_for(fn.data, fn.buffers, None)
-            fn_refs = [len(bufs) + i for i in range(len(fn_blobs))]
-            fn_bufs = fn_blobs
-        meta["fn"] = h
-        if fn_refs is not None:
-            meta["fnc"], meta["fnrefs"] = fn.codec, fn_refs
-        # Keep everything needed to send it again (with the function) after a reconnect.
-        full_meta = dict(
-            meta, fnc=fn.codec, fnrefs=[len(bufs) + i for i in range(1 + len(fn.buffers))]
-        )
-        job = JobState(jid, endpoint, (full_meta, [*bufs, fn.data, *fn.buffers]))
+        full_meta, full_bufs = dict(meta, fn=h), list(bufs)
+        if fn is not None:
+            if h is None or h not in self._sent_fns:
+                fn_bufs = shm.blobs_for(fn.data, fn.buffers, None)
+                meta["fnc"], meta["fnrefs"] = (
+                    fn.codec,
+                    list(range(len(bufs), len(bufs) + len(fn_bufs))),
+                )
+            meta["fn"] = h
+            # Keep everything needed to send it again (with the function) after a reconnect.
+            full_meta["fnc"] = fn.codec
+            full_meta["fnrefs"] = list(range(len(bufs), len(bufs) + 1 + len(fn.buffers)))
+            full_bufs += [fn.data, *fn.buffers]
+        job = JobState(jid, endpoint, (full_meta, full_bufs))
         job.files = files
         self.jobs[jid] = job
         with self._lock:

@@ -117,6 +117,8 @@ class Job:
                 out = sys.stderr if stream == "stderr" else sys.stdout
                 out.write(text)
                 out.flush()
+            elif kind == "display":
+                _show(*data)
             else:
                 # Leave the outcome for another waiter, should there be one.
                 ev.put(("done", data))
@@ -127,6 +129,7 @@ class Job:
 
         Interrupting the wait (Ctrl-C, a notebook's stop button) cancels the remote job.
         """
+        __tracebackhide__ = True
         try:
             outcome = self._wait(timeout)
         except KeyboardInterrupt:
@@ -135,7 +138,21 @@ class Job:
         return _decode(outcome, self._where)
 
 
+def _show(data: dict[str, Any], metadata: dict[str, Any]) -> None:
+    """Rich output from the worker: into this cell when a kernel runs us, else as text."""
+    ip = sys.modules.get("IPython")
+    shell = ip.get_ipython() if ip is not None else None
+    if shell is not None and hasattr(shell, "display_pub"):
+        from IPython.display import publish_display_data
+
+        sys.stdout.flush()
+        publish_display_data(data=data, metadata=metadata)
+    else:
+        sys.stdout.write(str(data.get("text/plain", "")) + "\n")
+
+
 def _decode(outcome: dict[str, Any], where: str) -> Any:
+    __tracebackhide__ = True  # IPython shows the remote frames, not this one
     status = outcome.get("status")
     if status == "COMPLETED":
         blobs = outcome["blobs"]
@@ -144,6 +161,8 @@ def _decode(outcome: dict[str, Any], where: str) -> Any:
     jid = outcome.get("id", "?")
     worker = outcome.get("workerId")
     here = f"{where}, worker {worker}" if worker else where
+    if outcome.get("hardware"):
+        here += f" ({outcome['hardware']})"
     if status == "FAILED" and "traceback" in err:
         raise wire.rebuild_exception(err, here)
     reason = err.get("message", "no reason given") if isinstance(err, dict) else str(err)

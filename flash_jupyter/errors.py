@@ -66,3 +66,14 @@ class RemoteTraceback(Exception):
     def __str__(self) -> str:
         head = f"Remote traceback ({self.where}):" if self.where else "Remote traceback:"
         return f'{head}\n"""\n{self.text.rstrip()}\n"""'
+
+
+class RemoteStateLost(FlashError):
+    """A cell needs names that lived on a worker which is gone (scaled down or crashed)."""
+
+    def __init__(self, message: str, names: list[str] | tuple[str, ...] = ()):
+        super().__init__(message)
+        self.names = list(names)
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.names))

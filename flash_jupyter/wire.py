@@ -258,14 +258,76 @@ def rebuild_exception(info: dict[str, Any], where: str = "") -> BaseException:
     if not isinstance(exc, BaseException):
         exc = errors.RemoteError(info["type"], info["message"], render_traceback(info))
     text = render_traceback(info)
-    tb = errors.RemoteTraceback(text, where)
-    exc.__cause__ = tb
+    frames = info.get("frames") or []
     try:
         exc.remote_traceback = text  # type: ignore[attr-defined]
-        exc.remote_frames = info.get("frames", [])  # type: ignore[attr-defined]
+        exc.remote_frames = frames  # type: ignore[attr-defined]
     except AttributeError:
         pass
+    tb = fake_traceback(frames)
+    if tb is not None:
+        # The remote frames become the exception's own traceback: shown like a local one,
+        # with source lines from this process's linecache (notebook cells live there).
+        exc = exc.with_traceback(tb)
+        if where and hasattr(exc, "add_note"):
+            exc.add_note(f"(raised remotely: {where})")
+    else:
+        exc.__cause__ = errors.RemoteTraceback(text, where)
     return exc
+
+
+def fake_traceback(frames: list[dict[str, Any]]) -> types.TracebackType | None:
+    """A real traceback object whose entries name the remote frames (file, line, function).
+
+    Each entry comes from running ``raise`` compiled under that file name and function name,
+    so tools that render tracebacks (IPython's included) show them as if the code had failed
+    here, with source lines from this process's linecache.
+    """
+    tb = None
+    try:
+        for f in reversed(frames):
+            lineno = max(1, int(f["lineno"]))
+            code = _raise_at(f["filename"], f["name"], lineno)
+            try:
+                exec(code, {"__flash__": _FakeFrame()})
+            except _FakeFrame as e:
+                entry = e.__traceback__.tb_next  # the frame of `code`, not this one
+            tb = types.TracebackType(tb, entry.tb_frame, entry.tb_lasti, lineno)
+    except Exception:  # a frame that cannot be faked: keep the text form instead
+        return None
+    return tb
+
+
+def _raise_at(filename: str, name: str, lineno: int) -> types.CodeType:
+    if sys.version_info < (3, 11):
+        code = compile("\n" * (lineno - 1) + "raise __flash__", filename, "exec")
+        return code.replace(co_name=name)
+    # One instruction range at `lineno` with no column information: renderers then show
+    # the real source line without pointing into it (the columns would be the fake ones).
+    code = compile("raise __flash__", filename, "exec").replace(co_name=name)
+    units = len(code.co_code) // 2
+    table = bytearray()
+    delta = lineno - code.co_firstlineno
+    while units > 0:
+        n = min(8, units)
+        table.append(0x80 | (13 << 3) | (n - 1))  # 13: "line only, no columns"
+        table += _svarint(delta)
+        delta, units = 0, units - n
+    return code.replace(co_linetable=bytes(table))
+
+
+def _svarint(v: int) -> bytes:
+    v = (-v << 1) | 1 if v < 0 else v << 1
+    out = bytearray()
+    while v >= 64:
+        out.append(64 | (v & 63))
+        v >>= 6
+    out.append(v)
+    return bytes(out)
+
+
+class _FakeFrame(Exception):
+    pass
 
 
 def render_traceback(info: dict[str, Any]) -> str:

@@ -35,7 +35,13 @@ def test_remote_exception_keeps_type_and_traceback(client, name):
     assert 'raise ValueError(f"x too big: {x}")' in tb  # the source line
     assert "test_errors.py" in tb and "in boom" in tb  # file and function
     assert "flash_jupyter/worker" not in tb  # the worker's own frames are hidden
-    assert f"endpoint {name}" in str(exc.__cause__)  # shown in "The above exception ..."
+    # The remote frames are the exception's own traceback, rendered like local ones.
+    import traceback
+
+    shown = "".join(traceback.format_exception(exc))
+    assert shown.index("in boom") > shown.index("test_errors.py")
+    assert 'raise ValueError(f"x too big: {x}")' in shown
+    assert any(f"endpoint {name}" in n for n in exc.__notes__)
 
 
 def test_user_defined_exception_type_round_trips(client, name):

@@ -478,6 +478,9 @@ class ControlPlane:
             d["executionTime"] = job.execution_ms
         if job.worker_id:
             d["workerId"] = job.worker_id
+            d["workerIncarnation"] = job.incarnation
+            if job.hardware:
+                d["hardware"] = job.hardware
         if job.status == m.COMPLETED and job.kind == "json" and job.result is not None:
             d["output"] = job.result.get("output")
         if job.error is not None:
@@ -535,6 +538,11 @@ class ControlPlane:
             "cost": round(w.billed_seconds(now) * w.price, 8) if w.live else 0,
             "price_per_second": w.price if w.live else ep.config.price_per_second,
             "reason": w.reason,
+            "remote_state": {
+                s: {"names": sorted(v), "bytes": sum(v.values())}
+                for s, v in w.remote_state.items()
+                if v
+            },
         }
 
     def endpoint_view(self, ep: m.EndpointState) -> dict[str, Any]:
@@ -728,24 +736,65 @@ class ControlPlane:
         TINY_MS), up to PREFETCH more wait on the worker, so it never idles for a round trip.
         """
         ready = [w for w in ep.workers.values() if w.ready and not w.removing]
-        if not ready:
-            return
         depth = ep.config.max_concurrency
         if ep.exec_ewma_ms < TINY_MS:
             depth += PREFETCH
+        waiting: list[str] = []  # jobs bound to a worker that is busy now
         while ep.queue:
-            w = min(ready, key=lambda w: len(w.jobs))
-            if len(w.jobs) >= depth:
-                return
             jid = ep.queue.popleft()
             job = self.jobs.get(jid)
             if job is None or job.status != m.IN_QUEUE:
                 continue
+            aff = job.body.get("affinity")
+            if aff:
+                w = self._affine_worker(ep, job, aff)
+                if w is None:
+                    if job.status == m.IN_QUEUE and not aff.get("strict"):
+                        job.body["affinity"] = None  # its worker is gone: any will do
+                        ep.queue.appendleft(jid)
+                    continue
+                if not w.ready or len(w.jobs) >= ep.config.max_concurrency:
+                    waiting.append(jid)
+                    continue
+                self._send_job(ep, w, job)
+                continue
+            if not ready:
+                waiting.append(jid)
+                break
+            w = min(ready, key=lambda w: len(w.jobs))
+            if len(w.jobs) >= depth:
+                waiting.append(jid)
+                break
             self._send_job(ep, w, job)
+        ep.queue.extendleft(reversed(waiting))
+
+    def _affine_worker(self, ep: m.EndpointState, job: m.Job, aff: dict) -> m.Worker | None:
+        """The worker holding the notebook state a cell asks for; None if it is gone (a
+        strict cell then fails: the names it needs went with that worker)."""
+        w = ep.workers.get(aff.get("worker", ""))
+        if w is not None and w.live and w.incarnation == aff.get("incarnation") and not w.stopping:
+            return w
+        if aff.get("strict"):
+            names = ", ".join(aff.get("names") or ()) or "its remote names"
+            was = w.reason if w is not None and w.reason else "it is no longer running"
+            self._finish(
+                job,
+                m.FAILED,
+                error={
+                    "type": "RemoteStateLost",
+                    "message": f"{names} lived on worker {aff.get('worker')}, which is gone "
+                    f"({was}); run the cells that define them again",
+                    "names": list(aff.get("names") or ()),
+                    "worker": aff.get("worker"),
+                },
+            )
+        return None
 
     def _send_job(self, ep: m.EndpointState, w: m.Worker, job: m.Job) -> None:
         now = time.time()
         job.status, job.started, job.worker_id = m.IN_PROGRESS, now, w.id
+        job.incarnation = w.incarnation
+        job.hardware = w.hardware
         job.cold = w.jobs_run == 0 and w.ready_at is not None and job.created < w.ready_at
         job.cold_start_ms = w.cold_start_ms if job.cold else None
         if ep.config.execution_timeout:
@@ -809,6 +858,7 @@ class ControlPlane:
         w.price = _price(cfg, alloc)
         w.jobs_run = 0
         w.fns = set()
+        w.remote_state = {}
         w.stopping = False
         w.handle = "starting"
         self._publish_worker(w)
@@ -975,6 +1025,12 @@ class ControlPlane:
                                   stopped, secs, cost)  # fmt: skip
             self.events.publish("billing", worker=w.id, endpoint=ep.name, seconds=secs,
                                 cost=cost, estimate=w.emulated)  # fmt: skip
+        if w.remote_state:
+            lost = sorted(s for s, v in w.remote_state.items() if v)
+            if lost:
+                self._log(ep, None, "system", f"[{w.id}] remote state of {', '.join(lost)} "
+                          f"is gone with the worker ({reason})\n")  # fmt: skip
+            w.remote_state = {}
         if w.conn is not None:
             w.conn.close()
         w.conn = None
@@ -1027,6 +1083,13 @@ class ControlPlane:
             if job.owner is not None and job.status not in m.TERMINAL:
                 job.owner.send({"op": "out", "id": job.id, "stream": meta["stream"],
                                 "text": meta["text"]})  # fmt: skip
+        elif op == "display":
+            job = self.jobs.get(meta["id"])
+            if job is not None and job.owner is not None and job.status not in m.TERMINAL:
+                job.owner.send(meta)
+            if job is not None and self.events.active:
+                text = (meta.get("data") or {}).get("text/plain", "")
+                self.events.publish("display", endpoint=job.endpoint, job=job.id, text=text)
         elif op == "release":
             self.route_release(meta["paths"])
         elif op == "chunk":
@@ -1052,6 +1115,8 @@ class ControlPlane:
             w.last_active = time.monotonic()
             if meta.get("ok"):
                 w.crashes = 0
+            if meta.get("state"):
+                w.remote_state.update(meta["state"])
         if job.status in m.TERMINAL or job.worker_id != worker_id:
             if ep is not None:
                 self.kick(ep.name)

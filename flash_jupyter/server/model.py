@@ -53,6 +53,8 @@ class Job:
     deadline: float | None = None  # monotonic execution deadline
     cancel_sent: float | None = None
     delivered: bool = False
+    incarnation: int = 0  # of the worker that ran it
+    hardware: str = ""  # what it ran on
 
     @property
     def delay_ms(self) -> int | None:
@@ -94,6 +96,8 @@ class Worker:
     reason: str = ""
     cold_start_ms: float | None = None
     price: float = 0.0  # per second, set at each start from what the worker got
+    # Notebook sessions keeping names on this process: session -> {name: bytes}.
+    remote_state: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def live(self) -> bool:

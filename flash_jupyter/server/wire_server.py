@@ -152,6 +152,8 @@ class Connection:
                                 "blobs": shm.from_refs(meta["refs"], bufs)}  # fmt: skip
         if meta.get("paths"):
             body["paths"] = meta["paths"]
+        if meta.get("affinity"):
+            body["affinity"] = meta["affinity"]
         if "fnrefs" in meta:
             blobs = shm.from_refs(meta["fnrefs"], bufs)
             if fn:

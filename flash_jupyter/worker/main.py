@@ -47,6 +47,8 @@ class Worker:
         self.fns: OrderedDict[str, Any] = OrderedDict()
         self.instances: dict[tuple[str, str], Any] = {}
         self.cancelled: set[str] = set()
+        self.cells: Any = None  # notebook namespaces, made for the first %%flash cell
+        self._cell_session: str | None = None
         self._paths_seen: set[tuple[str, ...]] = set()
         self.current: str | None = None  # job running on the main thread
         self.lock = threading.Lock()
@@ -179,7 +181,15 @@ class Worker:
         self._queue_done(out_meta, out_bufs, flush=not more)
 
     # -- execution
+    def _publish_display(self, data: dict[str, Any], metadata: dict[str, Any]) -> None:
+        jid = self.capture.job_id() or self.current
+        if jid is not None:
+            sys.stdout.flush()  # what was printed before the display comes first
+            self.conn.send({"op": "display", "id": jid, "data": data, "metadata": metadata})
+
     def _function(self, meta: dict[str, Any], bufs: list[Any]) -> Any:
+        if "fnrefs" not in meta and meta.get("fn") is None:
+            return None  # a cell: no function
         h = meta.get("fn")
         if h is not None and h in self.fns:
             self.fns.move_to_end(h)
@@ -220,7 +230,10 @@ class Worker:
             payload = wire.dumps(value, what="the return value")
             out_bufs: list[Any] = []
             refs = shm.to_refs(shm.blobs_for(payload.data, payload.buffers, self.spool), out_bufs)
-            return {"op": "done", "id": jid, "ok": True, "c": payload.codec, "refs": refs}, out_bufs
+            done = {"op": "done", "id": jid, "ok": True, "c": payload.codec, "refs": refs}
+            if call[0] == "cell" and self.cells is not None:
+                done["state"] = {call[1]: self.cells.state(call[1])}
+            return done, out_bufs
         except Cancelled:
             raise
         except KeyboardInterrupt:
@@ -245,6 +258,16 @@ class Worker:
                 sys.path.append(p)  # after installed packages: never shadow them
 
     def _invoke(self, fn: Any, h: str | None, call: tuple) -> Any:
+        if call[0] == "cell":
+            # ("cell", session, code, inputs, options): a %%flash cell in its notebook's
+            # namespace here.
+            _, session, code, inputs, opts = call
+            if self.cells is None:
+                from .cells import Cells
+
+                self.cells = Cells(self._publish_display)
+            self._cell_session = session
+            return self.cells.run(session, code, inputs, opts)
         if call[0] == "call":
             _, args, kwargs = call
             return fn(*args, **kwargs)
@@ -279,11 +302,11 @@ async def _await(aw: Any) -> Any:
 
 
 def _own_frames(e: BaseException) -> int:
-    """How many leading traceback frames belong to this module (hidden from the user)."""
+    """How many leading traceback frames belong to the worker (hidden from the user)."""
     n = 0
     tb = e.__traceback__
-    here = __file__
-    while tb is not None and tb.tb_frame.f_code.co_filename == here:
+    here = os.path.dirname(__file__) + os.sep
+    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(here):
         n += 1
         tb = tb.tb_next
     return n

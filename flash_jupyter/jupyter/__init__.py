@@ -1,0 +1,1 @@
+"""Jupyter integration: the %%flash / %flash magics (more: widgets, server extension)."""
