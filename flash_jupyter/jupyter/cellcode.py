@@ -19,6 +19,7 @@ class CellNames:
     loaded: set[str] = field(default_factory=set)
     bound_anywhere: set[str] = field(default_factory=set)  # incl. params, comprehensions
     bound: list[str] = field(default_factory=list)  # top level, in order of first binding
+    first_use: dict[str, int] = field(default_factory=dict)  # loaded name -> first line
 
 
 def analyse(code: str) -> CellNames:
@@ -28,6 +29,9 @@ def analyse(code: str) -> CellNames:
         if isinstance(node, ast.Name):
             if isinstance(node.ctx, ast.Load):
                 names.loaded.add(node.id)
+                line = names.first_use.get(node.id)
+                if line is None or node.lineno < line:
+                    names.first_use[node.id] = node.lineno
             else:
                 names.bound_anywhere.add(node.id)
         elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):

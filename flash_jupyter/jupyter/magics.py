@@ -65,6 +65,12 @@ def parse_tokens(tokens: list[str]) -> dict[str, Any]:
     return out
 
 
+def _at_line(exc: BaseException, filename: str, lineno: int) -> BaseException:
+    """Point an error found before sending at the cell line that caused it."""
+    tb = wire.fake_traceback([{"filename": filename, "lineno": lineno, "name": "<module>"}])
+    return exc.with_traceback(tb) if tb is not None else exc
+
+
 def _names(v: str | None) -> list[str] | None:
     return None if v is None else [n for n in re.split(r"[,\s]+", v) if n]
 
@@ -156,9 +162,14 @@ class FlashMagics(Magics):
         names = cellcode.analyse(cell)
         ns = self.shell.user_ns
         mine = self.remote.get(name, {})
+        # The cell's source in linecache under IPython's name for it ("Cell In[n]"), so a
+        # traceback, remote or not, shows its lines like a local one's.
+        filename = self.shell.compile.cache(cell, self.shell.execution_count)
         missing = cellcode.undefined(names, ns.keys() | mine.keys())
         if missing:
-            raise NameError(f"name {missing[0]!r} is not defined")
+            n = missing[0]
+            raise _at_line(NameError(f"name {n!r} is not defined", name=n), filename,
+                           names.first_use.get(n, 1))  # fmt: skip
         needs_remote = sorted(n for n in names.loaded if n in mine)
         inputs = {}
         for n in sorted(names.loaded):
@@ -168,19 +179,19 @@ class FlashMagics(Magics):
             if isinstance(v, RemoteValue):
                 continue  # another endpoint's remote value: not here
             inputs[n] = v
-        # The cell's source in linecache under IPython's name for it ("Cell In[n]"), so a
-        # remote traceback shows its lines like a local one.
-        filename = self.shell.compile.cache(cell, self.shell.execution_count)
         opts = {"bound": names.bound, "keep": _names(args.keep), "out": _names(args.out),
                 "limit": extra["limit"], "filename": filename,
                 "needs_remote": needs_remote}  # fmt: skip
         call = ("cell", self.session, cell, inputs, opts)
         try:
             payload = wire.dumps(call, what="cell")
-        except errors.SerializationError:
+        except errors.SerializationError as e:
             for n, v in inputs.items():
-                wire.dumps(v, what=f"notebook variable {n!r}")  # names the culprit
-            raise
+                try:
+                    wire.dumps(v, what=f"notebook variable {n!r}")
+                except errors.SerializationError as named:
+                    raise _at_line(named, filename, names.first_use.get(n, 1)) from None
+            raise _at_line(e, filename, 1) from None
         affinity = None
         home = self.home.get(name)
         if home and mine:

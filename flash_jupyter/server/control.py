@@ -690,6 +690,8 @@ class ControlPlane:
             return
         cfg = ep.config
         now = time.monotonic()
+        if ep.queue:
+            self._pump(ep)  # first: cells bound to a vanished worker fail, not scale up
         workers = list(ep.workers.values())
         current = [w for w in workers if w.live and w.state != m.OUTDATED and not w.stopping]
         demand = len(ep.queue) + sum(len(w.jobs) for w in current)
