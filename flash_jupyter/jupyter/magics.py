@@ -256,10 +256,8 @@ class FlashMagics(Magics):
         return self._finish(job, endpoint, plan, None)
 
     def _compare_locally(self, cell: str, plan: dict) -> None:
-        ns = dict(self.shell.user_ns)
-        for n, p in self.remote.get(DEFAULT_ENDPOINT, {}).items():
-            ns.pop(n, p)
-        local_ns = {k: v for k, v in ns.items() if not isinstance(v, RemoteValue)}
+        """Run the cell here too, in a copy of the namespace, and compare what it binds."""
+        local_ns = {k: v for k, v in self.shell.user_ns.items() if not isinstance(v, RemoteValue)}
         exec(compile(cell, "<local copy of the cell>", "exec"), local_ns)
         same, differ = [], []
         for n in plan["names"].bound:
