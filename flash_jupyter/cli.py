@@ -69,6 +69,12 @@ def format_status(endpoints: list[dict[str, Any]], billing: dict[str, Any] | Non
                 rows, ["worker", "state", "hardware", "", "cold start", "billed", "note"]
             ).replace("\n", "\n  ")
         )
+        for w in ep["workers"]:
+            for session, st in (w.get("remote_state") or {}).items():
+                out.append(
+                    f"  {w['id']} keeps {session}'s {', '.join(st['names'])} "
+                    f"({st['bytes'] / 1e6:.1f} MB): lost when it scales down"
+                )
     if billing:
         tag = " (estimate at list price)" if billing.get("estimate") else ""
         out.append(f"total ${billing['total']:.6f}{tag}; prices as of {billing['prices_as_of']}")
