@@ -16,6 +16,7 @@ import re
 import sys
 from typing import Any
 
+from IPython.core.displayhook import DisplayHook
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
@@ -111,7 +112,7 @@ class FlashMagics(Magics):
         self.session = os.environ.get("JPY_SESSION_NAME") or f"kernel-{os.getpid()}"
 
     # ------------------------------------------------------------------ %%flash
-    @magic_arguments()
+    @magic_arguments("%flash")  # usage line: "%%flash ..." (the formatter adds one %)
     @argument("settings", nargs="*", help="key=value: gpu, cpu, gpu_count, workers=MIN,MAX, "
               "idle_timeout, name, deps=a,b, env=K=V, timeout, max_concurrency, limit (bytes: "
               "values bigger than this stay on the worker; default 64 MiB)")  # fmt: skip
@@ -143,6 +144,8 @@ class FlashMagics(Magics):
         value = self._finish(job, endpoint, plan, None)
         if args.local:
             self._compare_locally(cell, plan)
+        if DisplayHook.semicolon_at_end_of_expression(cell):
+            return None  # `x;` shows nothing, as in any cell (the names still came back)
         return value
 
     def _config(self, settings: dict[str, Any]) -> tuple[EndpointConfig, dict[str, Any]]:
@@ -155,33 +158,45 @@ class FlashMagics(Magics):
         __tracebackhide__ = True
         config, extra = self._config(settings)
         name = config.name
-        client = get_client()
-        if self.deployed.get(name) != config.config_hash or name not in client.deployed:
-            client.deploy(config.to_dict())
-            self.deployed[name] = config.config_hash
         names = cellcode.analyse(cell)
         ns = self.shell.user_ns
         mine = self.remote.get(name, {})
+        # A proxy stands for the name only while the notebook still holds it: a local
+        # `m = ...` or `del m` since then wins, as it would in Python.
+        for n in [n for n, p in mine.items() if ns.get(n) is not p]:
+            del mine[n]
         # The cell's source in linecache under IPython's name for it ("Cell In[n]"), so a
-        # traceback, remote or not, shows its lines like a local one's.
-        filename = self.shell.compile.cache(cell, self.shell.execution_count)
-        missing = cellcode.undefined(names, ns.keys() | mine.keys())
+        # traceback, remote or not, shows its lines like a local one's. IPython 9 counts
+        # the running cell before running it: its number is the ExecutionResult's.
+        running = getattr(self.shell.displayhook, "exec_result", None)
+        number = getattr(running, "execution_count", None) or self.shell.execution_count
+        filename = self.shell.compile.cache(cell, number)
+        missing = cellcode.undefined(names, ns.keys())
         if missing:
             n = missing[0]
             raise _at_line(NameError(f"name {n!r} is not defined", name=n), filename,
                            names.first_use.get(n, 1))  # fmt: skip
         needs_remote = sorted(n for n in names.loaded if n in mine)
         inputs = {}
+        drop: list[str] = []
         for n in sorted(names.loaded):
             if n in mine or n not in ns or _IPYTHON_NAMES.match(n):
                 continue
             v = ns[n]
-            if isinstance(v, RemoteValue):
-                continue  # another endpoint's remote value: not here
+            if isinstance(v, RemoteValue):  # lost, or held by another endpoint
+                drop.append(n)  # no older copy on this worker may stand in for it
+                if n in names.bound_anywhere:
+                    continue  # the cell may bind it first; if not, NameError there
+                why = v.lost or (
+                    f"{n} lives on endpoint {v.endpoint} (worker {v.worker}), "
+                    f"not on {name}: bring it here with {n}.fetch() first"
+                )
+                raise _at_line(errors.RemoteStateLost(why, [n]), filename,
+                               names.first_use.get(n, 1))  # fmt: skip
             inputs[n] = v
         opts = {"bound": names.bound, "keep": _names(args.keep), "out": _names(args.out),
                 "limit": extra["limit"], "filename": filename,
-                "needs_remote": needs_remote}  # fmt: skip
+                "needs_remote": needs_remote, "drop": drop}  # fmt: skip
         call = ("cell", self.session, cell, inputs, opts)
         try:
             payload = wire.dumps(call, what="cell")
@@ -192,6 +207,11 @@ class FlashMagics(Magics):
                 except errors.SerializationError as named:
                     raise _at_line(named, filename, names.first_use.get(n, 1)) from None
             raise _at_line(e, filename, 1) from None
+        # Only now, with the cell known to be sendable, create or update the endpoint.
+        client = get_client()
+        if self.deployed.get(name) != config.config_hash or name not in client.deployed:
+            client.deploy(config.to_dict())
+            self.deployed[name] = config.config_hash
         affinity = None
         home = self.home.get(name)
         if home and mine:
@@ -212,7 +232,7 @@ class FlashMagics(Magics):
         where = f"endpoint {endpoint}"
         err = outcome.get("error") or {}
         if outcome.get("status") == "FAILED" and err.get("type") == "RemoteStateLost":
-            self._forget(endpoint, err.get("worker"))
+            self._forget(endpoint, err.get("worker"), err.get("message", ""))
             raise errors.RemoteStateLost(err.get("message", "remote state lost"), err.get("names"))
         try:
             result = _decode(outcome, where)
@@ -240,12 +260,13 @@ class FlashMagics(Magics):
             return RemoteValue("_", endpoint, wid, inc, hw, info, None)
         return result.get("last")
 
-    def _forget(self, endpoint: str, worker: str | None) -> list[str]:
+    def _forget(self, endpoint: str, worker: str | None, why: str = "") -> list[str]:
         """Drop the proxies of names that lived on a worker that is gone."""
         mine = self.remote.get(endpoint, {})
         lost = sorted(n for n, p in mine.items() if worker is None or p.worker == worker)
         for n in lost:
-            del mine[n]
+            p = mine.pop(n)
+            p.lost = why or f"{n} lived on worker {p.worker}, which is gone"
         self.home.pop(endpoint, None)
         return lost
 
@@ -270,7 +291,7 @@ class FlashMagics(Magics):
         print(f"local run: same {', '.join(same) or '-'}; differs {', '.join(differ) or '-'}")
 
     # ------------------------------------------------------------------ %flash
-    @magic_arguments()
+    @magic_arguments("flash")
     @argument("command", nargs="?", default="status",
               help="status | endpoints | logs NAME | stop NAME | scale NAME MIN,MAX | "
               "warm NAME | config [key=value ...]")  # fmt: skip

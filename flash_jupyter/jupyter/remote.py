@@ -35,9 +35,14 @@ class RemoteValue:
         self.preview = info.get("repr", "")
         self._mime: dict[str, Any] = info.get("mime") or {}
         self._fetch = fetch
+        self.lost = ""  # why, once its worker is gone
 
     def fetch(self) -> Any:
         """Bring the value here (it must be picklable)."""
+        if self.lost:
+            from ..errors import RemoteStateLost
+
+            raise RemoteStateLost(self.lost, [self.name])
         if self._fetch is None:
             raise RuntimeError("this remote value cannot be fetched")
         return self._fetch(self)

@@ -34,6 +34,8 @@ class Cells:
         if ns is None:
             ns = self.namespaces[session] = {"__name__": "__main__", "__builtins__": builtins}
             ns["display"] = display
+        for n in opts.get("drop", ()):
+            ns.pop(n, None)
         ns.update(inputs)
         missing = [n for n in opts.get("needs_remote", ()) if n not in ns]
         if missing:
