@@ -552,3 +552,11 @@ def test_magic_usage_names_the_magics(kernel):
     err = kernel.run("%%flash --no-such-flag\npass").stderr
     assert "UsageError" in err and "--no-such-flag" in err, err
     assert "flash_cell" not in err, err
+
+
+def test_out_and_local_flags(kernel, name):
+    r = kernel.ok(f"%%flash name={name} --out a --local\nimport os\na = 2 * 21\nb = os.getpid()")
+    assert kernel.value("a") == "42"
+    assert "remote" in kernel.value("repr(b)")  # not in --out: it stayed on the worker
+    assert "local run: same a" in r.stdout  # the cell ran here too, and a agreed
+    assert "b" in r.stdout.split("differs")[1]  # the pid, of course, did not
