@@ -21,7 +21,9 @@ from ..config import EndpointConfig
 from ..providers.base import Allocation, PlacementError, Provider, WorkerSpec
 from . import model as m
 from .events import EventBus
+from .spool_keeper import SpoolKeeper
 from .store import Store
+from .views import Views
 
 START_FAILURES = 3  # a worker that dies this often before connecting fails the queue
 MAX_RETRIES = int(os.environ.get("FLASH_JUPYTER_MAX_RETRIES", "2"))
@@ -42,7 +44,7 @@ class NotFound(KeyError):
     pass
 
 
-class ControlPlane:
+class ControlPlane(Views, SpoolKeeper):
     def __init__(
         self,
         store: Store,
@@ -382,233 +384,6 @@ class ControlPlane:
         if ep is not None:
             self.kick(ep.name)
 
-    def _drop_inputs(self, job: m.Job) -> None:
-        # A connected writer recycles its files when the worker releases them; files of a
-        # writer that is gone are nobody's: remove them.
-        for b in self._shm_inputs(job):
-            if shm.writer_of(b[1]) not in self.writers:
-                shm.discard([b])
-
-    @staticmethod
-    def _shm_inputs(job: m.Job) -> list[tuple]:
-        return [
-            b
-            for part in ("blobs", "fn_blobs")
-            for b in job.body.get(part) or ()
-            if isinstance(b, tuple) and b and b[0] == "shm"
-        ]
-
-    def route_release(self, paths: list[str]) -> None:
-        """A reader let go of spool files: tell their writer, or remove orphans."""
-        by_writer: dict[str, list[str]] = {}
-        for p in paths:
-            by_writer.setdefault(shm.writer_of(p), []).append(p)
-        for writer, ps in by_writer.items():
-            conn = self.writers.get(writer)
-            if conn is not None:
-                conn.send({"op": "release", "paths": ps})
-            else:
-                shm.discard([("shm", p, 0) for p in ps])
-
-    def writer_gone(self, writer: str) -> None:
-        """A connection that wrote spool files closed. Files still to be read stay (a
-        client may reconnect; a job may run later); the rest go."""
-        self.writers.pop(writer, None)
-        if not self.spool:
-            return
-        folder = os.path.join(self.spool, writer)
-        needed = self._needed_files()
-        try:
-            names = os.listdir(folder)
-        except OSError:
-            return
-        for n in names:
-            p = os.path.join(folder, n)
-            if p not in needed:
-                shm.discard([("shm", p, 0)])
-        if not needed:
-            try:
-                os.rmdir(folder)
-            except OSError:
-                pass
-
-    def _needed_files(self) -> set[str]:
-        """Spool files still to be read: inputs of unfinished jobs, undelivered results."""
-        needed = {
-            b[1]
-            for j in self.jobs.values()
-            if j.status not in m.TERMINAL
-            for b in self._shm_inputs(j)
-        }
-        for j in self.jobs.values():
-            if j.result is not None and not j.delivered:
-                needed.update(b[1] for b in j.result.get("blobs") or () if isinstance(b, tuple))
-        return needed
-
-    def clean_spool(self) -> None:
-        """Remove spool files no unfinished job refers to (at start and at shutdown), and
-        the folders left empty."""
-        if not self.spool or not os.path.isdir(self.spool):
-            return
-        needed = self._needed_files()
-        for writer in os.listdir(self.spool):
-            if writer in self.writers:
-                continue
-            folder = os.path.join(self.spool, writer)
-            for n in os.listdir(folder) if os.path.isdir(folder) else ():
-                p = os.path.join(folder, n)
-                if p not in needed:
-                    shm.discard([("shm", p, 0)])
-            try:
-                os.rmdir(folder)
-            except OSError:
-                pass
-        if self.closing:
-            try:
-                os.rmdir(self.spool)
-            except OSError:
-                pass
-
-    # ------------------------------------------------------------------ views
-    def status_payload(self, job: m.Job) -> dict[str, Any]:
-        """A job as Runpod's /status shows it, plus flash-jupyter's timings."""
-        d: dict[str, Any] = {"id": job.id, "status": job.status}
-        if job.started is not None:
-            d["delayTime"] = job.delay_ms
-            d["executionTime"] = job.execution_ms
-        if job.worker_id:
-            d["workerId"] = job.worker_id
-            d["workerIncarnation"] = job.incarnation
-            if job.hardware:
-                d["hardware"] = job.hardware
-        if job.status == m.COMPLETED and job.kind == "json" and job.result is not None:
-            d["output"] = job.result.get("output")
-        if job.error is not None:
-            if job.kind == "json":
-                d["error"] = job.error.get("message")
-            else:  # JSON-safe: the pickled exception itself only travels on the wire
-                d["error"] = {k: v for k, v in job.error.items() if k != "exc"}
-        d["retries"] = job.retries
-        d["cold"] = job.cold
-        if job.cold_start_ms is not None:
-            d["coldStartTime"] = round(job.cold_start_ms)
-        d["cost"] = round(job.cost, 8)
-        return d
-
-    def health(self, name: str) -> dict[str, Any]:
-        ep = self.endpoint(name)
-        ws = list(ep.workers.values())
-        running = sum(1 for w in ws if w.conn is not None and w.jobs)
-        ready = sum(1 for w in ws if w.conn is not None and w.state in (m.RUNNING, m.OUTDATED))
-        in_progress = sum(1 for w in ws for _ in w.jobs)
-        return {
-            "workers": {
-                "idle": ready - running,
-                "initializing": sum(1 for w in ws if w.state == m.INITIALIZING),
-                "ready": ready,
-                "running": running,
-                "throttled": sum(1 for w in ws if w.state == m.THROTTLED),
-                "unhealthy": sum(1 for w in ws if w.state == m.UNHEALTHY),
-            },
-            "jobs": {
-                "completed": ep.completed,
-                "failed": ep.failed,
-                "inProgress": in_progress,
-                "inQueue": len(ep.queue),
-                "retried": ep.retried,
-            },
-        }
-
-    def worker_view(self, w: m.Worker, ep: m.EndpointState) -> dict[str, Any]:
-        now = time.time()
-        return {
-            "id": w.id,
-            "endpoint": w.endpoint,
-            "state": w.state,
-            "busy": bool(w.jobs),
-            "jobs": list(w.jobs),
-            "pid": w.pid,
-            "hardware": w.hardware or ep.config.hardware.name,
-            "emulated": w.emulated,
-            "incarnation": w.incarnation,
-            "cold_start_ms": None if w.cold_start_ms is None else round(w.cold_start_ms, 1),
-            "uptime_s": round(now - w.start_signal, 3) if w.live and w.start_signal else 0,
-            "idle_s": round(time.monotonic() - w.last_active, 3) if w.ready and not w.jobs else 0,
-            "billed_seconds": w.billed_seconds(now) if w.live else 0,
-            "cost": round(w.billed_seconds(now) * w.price, 8) if w.live else 0,
-            "price_per_second": w.price if w.live else ep.config.price_per_second,
-            "reason": w.reason,
-            "remote_state": {
-                s: {"names": sorted(v), "bytes": sum(v.values())}
-                for s, v in w.remote_state.items()
-                if v
-            },
-        }
-
-    def endpoint_view(self, ep: m.EndpointState) -> dict[str, Any]:
-        live = [w for w in ep.workers.values() if w.live]
-        live_seconds = sum(w.billed_seconds() for w in live)
-        live_cost = sum(w.billed_seconds() * w.price for w in live)
-        return {
-            "name": ep.name,
-            "config": ep.config.to_dict(),
-            "config_hash": ep.config.config_hash,
-            "hardware": ep.config.hardware.name,
-            "price_per_second": ep.config.price_per_second,
-            "created": ep.created,
-            "updated": ep.updated,
-            "has_handler": ep.handler is not None,
-            "workers": [self.worker_view(w, ep) for w in ep.workers.values()],
-            "health": self.health(ep.name),
-            "cost": round(ep.billed_cost + live_cost, 8),
-            "billed_seconds": ep.billed_seconds + live_seconds,
-            "session_cost": round(ep.session_cost + live_cost, 8),
-            "session_seconds": ep.session_seconds + live_seconds,
-            "emulated": any(w.emulated for w in ep.workers.values())
-            or self._would_emulate(ep.config),
-        }
-
-    def _would_emulate(self, cfg: EndpointConfig) -> bool:
-        gpus = getattr(self.provider, "gpus", [])
-        return bool(cfg.gpu) and not any(hw and hw.name in cfg.gpu for _, _, hw in gpus)
-
-    def billing(self) -> dict[str, Any]:
-        """What has been billed: all time (the ledger) and this session (since the control
-        plane started), per endpoint, with running workers counted up to now."""
-        by_ep = {}
-        total = session = 0.0
-        estimate = False
-        for ep in self.endpoints.values():
-            v = self.endpoint_view(ep)
-            by_ep[ep.name] = {
-                "cost": v["cost"],
-                "billed_seconds": v["billed_seconds"],
-                "session_cost": v["session_cost"],
-                "session_seconds": v["session_seconds"],
-                "price_per_second": ep.config.price_per_second,
-                "hardware": v["hardware"],
-                "estimate": v["emulated"],
-            }
-            total += v["cost"]
-            session += v["session_cost"]
-            estimate = estimate or v["emulated"]
-        from .. import catalog
-
-        return {
-            "currency": catalog.CURRENCY,
-            "prices_as_of": catalog.PRICES_AS_OF,
-            "total": round(total, 8),
-            "session": round(session, 8),
-            "estimate": estimate,
-            "basis": (
-                "estimate at list price: hardware emulated on CPU"
-                if estimate
-                else "per-second list price"
-            ),
-            "since": self.started,
-            "endpoints": by_ep,
-        }
-
     # ------------------------------------------------------------------ scaling
     def quiet(self, seconds: float = 0.3) -> bool:
         """No job was dispatched or finished for ``seconds``: a moment for background work."""
@@ -680,10 +455,6 @@ class ControlPlane:
             self._drop_results(j)
             del self.jobs[j.id]
         self.store.delete_jobs_before(cutoff)
-
-    @staticmethod
-    def _drop_results(job: m.Job) -> None:
-        shm.discard((job.result or {}).get("blobs") or ())
 
     def _reconcile(self, ep: m.EndpointState) -> None:
         if self.closing:
