@@ -33,6 +33,7 @@ _EXPORTS = {
     "JobFailed": "errors",
     "JobTimedOut": "errors",
     "RemoteError": "errors",
+    "RemoteStateLost": "errors",
     "SerializationError": "errors",
     "VersionMismatch": "errors",
 }
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
         JobFailed,
         JobTimedOut,
         RemoteError,
+        RemoteStateLost,
         SerializationError,
         VersionMismatch,
     )
@@ -90,6 +92,7 @@ __all__ = [
     "RemoteClass",
     "RemoteError",
     "RemoteFunction",
+    "RemoteStateLost",
     "SerializationError",
     "VersionMismatch",
     "__version__",

@@ -114,10 +114,16 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--deps", required=True, help="comma-separated pip requirements")
     a = p.parse_args(argv)
 
+    from .errors import FlashError
+
     if a.cmd == "start":
         from .client import start_local
 
-        info = start_local()
+        try:
+            info = start_local()
+        except FlashError as e:
+            print(f"flash-jupyter: {e}", file=sys.stderr)
+            return 1
         print(f"control plane at {info['url']} (pid {info['pid']})")
         return 0
     if a.cmd == "shutdown":
@@ -128,6 +134,14 @@ def main(argv: list[str] | None = None) -> int:
         from .protocol import pid_alive
 
         pid = int(info["pid"])
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                is_ours = b"flash_jupyter" in f.read()
+        except OSError:
+            is_ours = pid_alive(pid)  # no /proc: trust the runtime file
+        if not is_ours:
+            print("no control plane is running (stale runtime file)")
+            return 0
         try:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
@@ -141,7 +155,6 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"stopped control plane (pid {pid})")
         return 0
-    from .errors import FlashError
 
     if a.cmd == "env":
         try:
@@ -157,7 +170,11 @@ def main(argv: list[str] | None = None) -> int:
 
         deps = tuple(d for d in a.deps.split(",") if d)
         t = time.monotonic()
-        py = ensure_environment(paths.home(), deps)
+        try:
+            py = ensure_environment(paths.home(), deps)
+        except Exception as e:  # pip's own message is the useful part
+            print(f"flash-jupyter: {e}", file=sys.stderr)
+            return 1
         print(f"environment ready in {time.monotonic() - t:.1f} s: {py}")
         return 0
 

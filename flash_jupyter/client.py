@@ -388,6 +388,8 @@ class Client:
                                 "stamp": wire.stamp()}  # fmt: skip
         if self.same_host:
             meta["paths"] = _user_paths()
+        if self.spool is None:
+            meta["noshm"] = True  # results must come back inline: we cannot map their files
         if affinity:
             meta["affinity"] = affinity
         bufs: list[Any] = []

@@ -90,8 +90,8 @@ class Job:
             return {k: v for k, v in self._state.outcome.items() if k not in hidden}
         try:
             return self._client.job_status(self.id)
-        except errors.ControlPlaneError:
-            return {"id": self.id, "status": "IN_QUEUE"}
+        except errors.ControlPlaneError as e:
+            return {"id": self.id, "status": "UNKNOWN", "error": str(e)}
 
     def status(self) -> str:
         return self.info()["status"]

@@ -309,3 +309,27 @@ def test_max_concurrency_runs_jobs_side_by_side_on_one_worker(client, name):
     pids = {j.result(timeout=30) for j in jobs}
     assert len(pids) == 1  # one worker ...
     assert time.monotonic() - t < 2.5  # ... running the three at once, not one after another
+
+
+def test_a_client_on_another_host_gets_large_results_inline(server, monkeypatch, name):
+    """A caller that cannot map the control plane's shared memory (another machine) sends
+    and receives large buffers over the socket."""
+    from conftest import use_server
+
+    from flash_jupyter import client as fj_client
+    from flash_jupyter import paths
+
+    monkeypatch.setattr(paths, "boot_id", lambda: "another-machine")
+    c = use_server(server, monkeypatch)
+    try:
+        assert c.spool is None and not c.same_host
+
+        @Endpoint(name=name)
+        def grow(a):
+            return np.concatenate([a, a])
+
+        arr = np.arange(1_000_000, dtype=np.float64)  # 8 MB each way
+        out = grow(arr)
+        assert out.shape == (2_000_000,) and out[1_000_001] == 1.0
+    finally:
+        fj_client.reset_client()

@@ -109,6 +109,7 @@ class FlashMagics(Magics):
         self.remote: dict[str, dict[str, RemoteValue]] = {}  # endpoint -> name -> proxy
         self.home: dict[str, tuple[str, int, str]] = {}  # endpoint -> (worker, inc, hw)
         self.deployed: dict[str, str] = {}  # endpoint -> config hash sent
+        self.used: dict[str, dict[str, Any]] = {}  # endpoint -> settings of its last cell
         self.session = os.environ.get("JPY_SESSION_NAME") or f"kernel-{os.getpid()}"
 
     # ------------------------------------------------------------------ %%flash
@@ -158,6 +159,7 @@ class FlashMagics(Magics):
         __tracebackhide__ = True
         config, extra = self._config(settings)
         name = config.name
+        self.used[name] = {k: v for k, v in settings.items() if k != "limit"}
         names = cellcode.analyse(cell)
         ns = self.shell.user_ns
         mine = self.remote.get(name, {})
@@ -244,7 +246,8 @@ class FlashMagics(Magics):
         if home and (home[0], home[1]) != (wid, inc):
             lost = self._forget(endpoint, home[0])
             if lost:
-                print(f"note: {', '.join(lost)} were lost with worker {home[0]}", file=sys.stderr)
+                verb = "was" if len(lost) == 1 else "were"
+                print(f"note: {', '.join(lost)} {verb} lost with worker {home[0]}", file=sys.stderr)
         self.home[endpoint] = (wid, inc, hw)
         ns = self.shell.user_ns
         mine = self.remote.setdefault(endpoint, {})
@@ -270,8 +273,13 @@ class FlashMagics(Magics):
         self.home.pop(endpoint, None)
         return lost
 
+    def _settings_of(self, endpoint: str) -> dict[str, Any]:
+        """The settings this notebook last used for an endpoint (so that fetching from it or
+        warming it never redeploys it with other settings)."""
+        return dict(self.used.get(endpoint) or {**self.defaults, "name": endpoint})
+
     def _fetch(self, proxy: RemoteValue) -> Any:
-        settings = {**self.defaults, "name": proxy.endpoint, "limit": 1 << 62}
+        settings = {**self._settings_of(proxy.endpoint), "limit": 1 << 62}
         args = parse_argstring(self.flash_cell, "")
         endpoint, plan, job = self._submit(proxy.name, settings, args)
         return self._finish(job, endpoint, plan, None)
@@ -342,7 +350,7 @@ class FlashMagics(Magics):
             wmin, wmax = (int(lo), int(hi)) if sep else (0, int(lo))
             print(client.scale(name, wmin, wmax))
         elif cmd == "warm":
-            settings = {**self.defaults, "name": name}
+            settings = self._settings_of(name)
             endpoint, plan, job = self._submit(
                 "pass", settings, parse_argstring(self.flash_cell, "")
             )

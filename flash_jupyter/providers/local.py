@@ -256,6 +256,7 @@ class LocalProvider:
 
     async def _exec(self, python: str, env: dict[str, str], log_name: str) -> Any:
         env.pop("FLASH_JUPYTER_URL", None)
+        env.pop("FLASH_JUPYTER_TOKEN", None)  # user code on a worker has no use for it
         logs = self.data_dir / "logs"
         logs.mkdir(exist_ok=True)
         log_path = logs / f"{log_name}.log"

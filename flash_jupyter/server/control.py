@@ -85,10 +85,9 @@ class ControlPlane(Views, SpoolKeeper):
             ep = m.EndpointState(cfg, row["handler"], row["created"], row["updated"])
             self.endpoints[cfg.name] = ep
             self._ensure_slots(ep)
-        for ep_name, tot in self.store.ledger_totals().items():
-            if ep_name in self.endpoints:
-                self.endpoints[ep_name].billed_seconds = int(tot["seconds"])
-                self.endpoints[ep_name].billed_cost = tot["cost"]
+        for ep in self.endpoints.values():
+            tot = self.store.ledger_total(ep.name, ep.created)
+            ep.billed_seconds, ep.billed_cost = int(tot["seconds"]), tot["cost"]
         for ep_name, counts in self.store.job_counts().items():
             if ep_name in self.endpoints:
                 self.endpoints[ep_name].completed = counts["completed"]
@@ -599,6 +598,8 @@ class ControlPlane(Views, SpoolKeeper):
             meta["stamp"] = body.get("stamp")
             if body.get("paths"):
                 meta["paths"] = body["paths"]
+            if body.get("noshm"):
+                meta["noshm"] = True
         w.conn.send(meta, bufs)
         # IN_PROGRESS is not written: after a crash a running job goes back to the queue
         # anyway, so the row can say IN_QUEUE until the job ends (one commit per job saved).

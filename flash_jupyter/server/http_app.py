@@ -207,10 +207,10 @@ def build_app(cp: ControlPlane, token: str, info: dict[str, Any]) -> Any:
     @guard
     async def list_jobs(request: Request) -> Response:
         name = request.query_params.get("endpoint")
-        limit = int(request.query_params.get("limit", 100))
+        limit = max(0, int(request.query_params.get("limit", 100)))
         jobs = [j for j in cp.jobs.values() if name is None or j.endpoint == name]
         return JSONResponse(
-            [{"endpoint": j.endpoint, **cp.status_payload(j)} for j in jobs[-limit:]]
+            [{"endpoint": j.endpoint, **cp.status_payload(j)} for j in jobs[len(jobs) - limit :]]
         )
 
     @guard

@@ -200,11 +200,14 @@ class Store:
             (worker_id, endpoint, hardware, int(emulated), started, stopped, seconds, cost),
         )
 
-    def ledger_totals(self) -> dict[str, dict[str, float]]:
-        cur = self.db.execute(
-            "SELECT endpoint, SUM(seconds), SUM(cost) FROM ledger GROUP BY endpoint"
-        )
-        return {ep: {"seconds": s or 0, "cost": c or 0.0} for ep, s, c in cur}
+    def ledger_total(self, endpoint: str, since: float) -> dict[str, float]:
+        """Billed seconds and cost of an endpoint's workers started since ``since`` (its
+        creation: an older, deleted endpoint of the same name is not its bill)."""
+        s, c = self.db.execute(
+            "SELECT SUM(seconds), SUM(cost) FROM ledger WHERE endpoint=? AND started>=?",
+            (endpoint, since),
+        ).fetchone()
+        return {"seconds": s or 0, "cost": c or 0.0}
 
     def _checkpointer(self) -> None:
         db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)

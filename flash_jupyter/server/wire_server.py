@@ -154,6 +154,8 @@ class Connection:
             body["paths"] = meta["paths"]
         if meta.get("affinity"):
             body["affinity"] = meta["affinity"]
+        if meta.get("noshm"):
+            body["noshm"] = True
         if "fnrefs" in meta:
             blobs = shm.from_refs(meta["fnrefs"], bufs)
             if fn:

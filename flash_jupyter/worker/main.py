@@ -229,7 +229,8 @@ class Worker:
             value = self._settle(self._invoke(fn, meta.get("fn"), call), jid, stream=False)
             payload = wire.dumps(value, what="the return value")
             out_bufs: list[Any] = []
-            refs = shm.to_refs(shm.blobs_for(payload.data, payload.buffers, self.spool), out_bufs)
+            spool = None if meta.get("noshm") else self.spool  # a caller on another host
+            refs = shm.to_refs(shm.blobs_for(payload.data, payload.buffers, spool), out_bufs)
             done = {"op": "done", "id": jid, "ok": True, "c": payload.codec, "refs": refs}
             if call[0] == "cell" and self.cells is not None:
                 done["state"] = {call[1]: self.cells.state(call[1])}
