@@ -329,7 +329,10 @@ def test_a_client_on_another_host_gets_large_results_inline(server, monkeypatch,
             return np.concatenate([a, a])
 
         arr = np.arange(1_000_000, dtype=np.float64)  # 8 MB each way
-        out = grow(arr)
+        job = grow.submit(arr)
+        out = job.result(timeout=30)
         assert out.shape == (2_000_000,) and out[1_000_001] == 1.0
+        # Every buffer came in the frame itself, none as a shared-memory file to map.
+        assert all(isinstance(r, int) for r in job._state.outcome["refs"])
     finally:
         fj_client.reset_client()
