@@ -136,7 +136,11 @@ class LocalProvider:
 
     # -- processes
     async def prepare(
-        self, wire: tuple[str, int], token: str, quiet: Callable[[], bool] | None = None
+        self,
+        wire: tuple[str, int],
+        token: str,
+        quiet: Callable[[], bool] | None = None,
+        prespawned: Any = None,
     ) -> None:
         """Keep one spare worker process ready (imports done, connected, no endpoint yet).
 
@@ -147,7 +151,9 @@ class LocalProvider:
         """
         self._wire, self._token = wire, token
         self._quiet = quiet or (lambda: True)
-        if self.spare_workers:
+        if prespawned is not None:  # a subprocess.Popen started before the loop existed
+            self._adopt_spare(prespawned, self.data_dir / "logs" / "spare.log")
+        elif self.spare_workers:
             await self._spawn_spare()
 
     async def _spawn_spare(self) -> None:
@@ -161,6 +167,14 @@ class LocalProvider:
         env["FLASH_JUPYTER_WORKER_TOKEN"] = self._token
         self._spare_ready = asyncio.Event()
         proc = await self._exec(sys.executable, env, "spare")
+        self._spare_as_spare(proc)
+
+    def _adopt_spare(self, proc: Any, log_path: Path) -> None:
+        self._spare_ready = asyncio.Event()
+        proc._flash_watch = asyncio.ensure_future(self._watch(proc, log_path))
+        self._spare_as_spare(proc)
+
+    def _spare_as_spare(self, proc: Any) -> None:
         self._spare_proc = proc
 
         def spare_exit(rc: int | None, reason: str) -> None:
@@ -273,27 +287,32 @@ class LocalProvider:
                 start_new_session=True,  # an interrupt in the notebook's terminal stays there
             )
 
-        async def watch() -> None:
-            rc = await proc.wait()
-            if rc is None or rc >= 0:
-                reason = f"exited with code {rc}"
-                if rc:
-                    last = _last_line(log_path)
-                    if last:
-                        reason += f" ({last})"
-            else:
-                try:
-                    reason = f"killed by {signal.Signals(-rc).name}"
-                except ValueError:
-                    reason = f"killed by signal {-rc}"
-            cb = getattr(proc, "_flash_on_exit", None)
-            if cb is not None:
-                r = cb(rc, reason)
-                if asyncio.iscoroutine(r):
-                    await r
-
-        proc._flash_watch = asyncio.ensure_future(watch())  # type: ignore[attr-defined]
+        proc._flash_watch = asyncio.ensure_future(self._watch(proc, log_path))
         return proc
+
+    @staticmethod
+    async def _watch(proc: Any, log_path: Path) -> None:
+        """Wait for a worker process to end; tell whoever owns it now why."""
+        if asyncio.iscoroutinefunction(proc.wait):
+            rc = await proc.wait()
+        else:  # a subprocess.Popen (the spare started before the loop)
+            rc = await asyncio.get_running_loop().run_in_executor(None, proc.wait)
+        if rc is None or rc >= 0:
+            reason = f"exited with code {rc}"
+            if rc:
+                last = _last_line(log_path)
+                if last:
+                    reason += f" ({last})"
+        else:
+            try:
+                reason = f"killed by {signal.Signals(-rc).name}"
+            except ValueError:
+                reason = f"killed by signal {-rc}"
+        cb = getattr(proc, "_flash_on_exit", None)
+        if cb is not None:
+            r = cb(rc, reason)
+            if asyncio.iscoroutine(r):
+                await r
 
     def stop(self, handle: Any) -> None:
         try:

@@ -8,7 +8,6 @@ moment later, so a cold first call does not wait for Starlette to load.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import secrets
@@ -21,22 +20,13 @@ from typing import Any
 
 from .. import __version__, paths
 from ..providers import get_provider
+from .boot import bind, exclusive
 from .control import ControlPlane
 from .store import Store
 from .wire_server import Connection
 
 HTTP_DELAY = 0.25
 HTTP_PATIENCE = 2.0  # load the HTTP stack by then even if jobs keep the loop busy
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-    s = socket.socket(fam, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind((host, port))
-    s.listen(512)
-    s.setblocking(False)
-    return s
 
 
 def _load_http() -> tuple[Any, Any]:
@@ -56,13 +46,17 @@ async def run_server(
     idle_shutdown: float | None = None,
     parent_pid: int | None = None,
     ready_file: Path | None = None,
+    http_sock: socket.socket | None = None,
+    wire_sock: socket.socket | None = None,
+    lock: Any = None,
+    spare: Any = None,
 ) -> None:
     data_dir = paths.ensure_private_dir(Path(data_dir or paths.home()))
-    lock = _exclusive(data_dir)
+    lock = lock or exclusive(data_dir)
     token = token or secrets.token_urlsafe(24)
     instance = secrets.token_hex(4)
-    http_sock = _bind(host, port)
-    wire_sock = _bind(host, wire_port)
+    http_sock = http_sock or bind(host, port)
+    wire_sock = wire_sock or bind(host, wire_port)
     http_port = http_sock.getsockname()[1]
     wport = wire_sock.getsockname()[1]
     url_host = f"[{host}]" if ":" in host else host
@@ -112,7 +106,8 @@ async def run_server(
     loop.call_later(HTTP_DELAY, load_http)
     store = Store(data_dir / "flash.db")
     provider = get_provider("local", data_dir=data_dir)
-    cp = ControlPlane(store, provider, token=token, wire_addr=(host, wport), spool=str(spool))
+    cp = ControlPlane(store, provider, token=token, wire_addr=(host, wport), spool=str(spool),
+                      spare=spare)  # fmt: skip
     await cp.start()
     public = {k: info[k] for k in ("spool", "boot_id", "instance", "version", "wire_port")}
     wire_server = await loop.create_server(lambda: Connection(cp, public).proto, sock=wire_sock)
@@ -179,22 +174,6 @@ def _remove_runtime(data_dir: Path) -> None:
             pass
 
 
-def _exclusive(data_dir: Path) -> Any:
-    """Hold the data dir's lock for this process's life: one control plane per data dir."""
-    import fcntl
-
-    f = open(data_dir / "serve.lock", "a+")  # noqa: SIM115 - held until shutdown
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        other = paths.read_runtime(data_dir) or {}
-        raise SystemExit(
-            f"flash-jupyter: a control plane already runs on {data_dir} "
-            f"(pid {other.get('pid', '?')}, {other.get('url', '?')})"
-        ) from None
-    return f
-
-
 def _write_private(path: Path, data: dict[str, Any]) -> None:
     import json
 
@@ -226,31 +205,9 @@ def serve(**kw: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="flash-jupyter serve", description="Run the control plane.")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=0, help="HTTP port (0: any free port)")
-    p.add_argument("--wire-port", type=int, default=0, help="binary wire port (0: any)")
-    p.add_argument("--token", default=os.environ.get("FLASH_JUPYTER_TOKEN"))
-    p.add_argument("--data-dir", type=Path, default=None)
-    p.add_argument(
-        "--idle-shutdown",
-        type=float,
-        default=None,
-        help="stop after this many seconds with no workers and no queued jobs",
-    )
-    p.add_argument("--exit-with-parent", type=int, default=None, metavar="PID")
-    p.add_argument("--ready-file", type=Path, default=None)  # fmt: skip
-    a = p.parse_args(argv)
-    serve(
-        host=a.host,
-        port=a.port,
-        token=a.token,
-        data_dir=a.data_dir,
-        wire_port=a.wire_port,
-        idle_shutdown=a.idle_shutdown,
-        parent_pid=a.exit_with_parent,
-        ready_file=a.ready_file,
-    )
+    from .boot import main as boot
+
+    boot(argv)
 
 
 if __name__ == "__main__":

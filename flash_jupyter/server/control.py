@@ -54,8 +54,10 @@ class ControlPlane(Views, SpoolKeeper):
         wire_addr: tuple[str, int],
         events: EventBus | None = None,
         spool: str | None = None,
+        spare: Any = None,
     ):
         self.spool = spool
+        self._prespawned_spare = spare  # started by boot.py before the heavy imports
         self.store = store
         self.provider = provider
         self.token = token
@@ -120,7 +122,7 @@ class ControlPlane(Views, SpoolKeeper):
         self._tick_task = asyncio.ensure_future(self._ticker())
         prepare = getattr(self.provider, "prepare", None)
         if prepare is not None:
-            await prepare(self.wire_addr, self.token, self.quiet)
+            await prepare(self.wire_addr, self.token, self.quiet, self._prespawned_spare)
 
     async def shutdown(self) -> None:
         """Stop every worker and wait for them, so the ledger closes every bill."""

@@ -1,0 +1,109 @@
+"""The first milliseconds of a control plane, before the heavy imports.
+
+Binding the sockets and starting the spare worker come first, with only the standard
+library loaded: the spare (an interpreter importing the worker) then starts while this
+process imports asyncio, SQLite and the control plane, and is ready about when they are.
+``flash-jupyter serve`` and ``python -m flash_jupyter.server`` both enter here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flash-jupyter serve", description="Run the control plane.")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="HTTP port (0: any free port)")
+    p.add_argument("--wire-port", type=int, default=0, help="binary wire port (0: any)")
+    p.add_argument("--token", default=os.environ.get("FLASH_JUPYTER_TOKEN"))
+    p.add_argument("--data-dir", type=Path, default=None)
+    p.add_argument(
+        "--idle-shutdown",
+        type=float,
+        default=None,
+        help="stop after this many seconds with no workers, no queued jobs and no clients",
+    )
+    p.add_argument("--exit-with-parent", type=int, default=None, metavar="PID")
+    p.add_argument("--ready-file", type=Path, default=None)
+    return p
+
+
+def bind(host: str, port: int) -> socket.socket:
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((host, port))
+    s.listen(512)
+    s.setblocking(False)
+    return s
+
+
+def exclusive(data_dir: Path) -> Any:
+    """Hold the data dir's lock for this process's life: one control plane per data dir."""
+    import fcntl
+
+    f = open(data_dir / "serve.lock", "a+")  # noqa: SIM115 - held until shutdown
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        from .. import paths
+
+        other = paths.read_runtime(data_dir) or {}
+        raise SystemExit(
+            f"flash-jupyter: a control plane already runs on {data_dir} "
+            f"(pid {other.get('pid', '?')}, {other.get('url', '?')})"
+        ) from None
+    return f
+
+
+def spawn_spare(data_dir: Path, host: str, port: int, token: str) -> subprocess.Popen | None:
+    if os.environ.get("FLASH_JUPYTER_SPARE_WORKERS", "1") in ("", "0"):
+        return None
+    env = dict(os.environ)
+    env.pop("FLASH_JUPYTER_URL", None)
+    env.pop("FLASH_JUPYTER_TOKEN", None)
+    env["FLASH_JUPYTER_WORKER"] = json.dumps({"spare": True, "host": host, "port": port})
+    env["FLASH_JUPYTER_WORKER_TOKEN"] = token
+    logs = data_dir / "logs"
+    logs.mkdir(exist_ok=True)
+    with open(logs / "spare.log", "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "flash_jupyter.worker"],
+            env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+        )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parser().parse_args(argv)
+    from .. import paths
+
+    data_dir = paths.ensure_private_dir(Path(a.data_dir or paths.home()))
+    lock = exclusive(data_dir)
+    token = a.token or secrets.token_urlsafe(24)
+    http_sock = bind(a.host, a.port)
+    wire_sock = bind(a.host, a.wire_port)
+    spare = spawn_spare(data_dir, a.host, wire_sock.getsockname()[1], token)
+
+    from .app import serve
+
+    serve(
+        host=a.host,
+        token=token,
+        data_dir=data_dir,
+        idle_shutdown=a.idle_shutdown,
+        parent_pid=a.exit_with_parent,
+        ready_file=a.ready_file,
+        http_sock=http_sock,
+        wire_sock=wire_sock,
+        lock=lock,
+        spare=spare,
+    )
