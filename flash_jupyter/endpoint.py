@@ -112,13 +112,8 @@ class Job:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise TimeoutError(f"job {self.id} not done after {timeout:g} s") from None
                 continue
-            if kind == "out":
-                stream, text = data
-                out = sys.stderr if stream == "stderr" else sys.stdout
-                out.write(text)
-                out.flush()
-            elif kind == "display":
-                _show(*data)
+            if kind != "done":
+                _emit(kind, data)
             else:
                 # Leave the outcome for another waiter, should there be one.
                 ev.put(("done", data))
@@ -136,6 +131,17 @@ class Job:
             self.cancel()
             raise
         return _decode(outcome, self._where)
+
+
+def _emit(kind: str, data: Any) -> None:
+    """Show one piece of a job's output here: a stream chunk or a rich display."""
+    if kind == "out":
+        stream, text = data
+        out = sys.stderr if stream == "stderr" else sys.stdout
+        out.write(text)
+        out.flush()
+    elif kind == "display":
+        _show(*data)
 
 
 def _show(data: dict[str, Any], metadata: dict[str, Any]) -> None:

@@ -350,9 +350,13 @@ def test_noblock_returns_a_handle_at_once(kernel, name):
     assert "running as h" in r.stdout
     assert kernel.run("answer").error["ename"] == "NameError"
     assert "flash cell" in kernel.value("h")
+    started = r.msg_id
     r = kernel.ok("h.result()", timeout=30)
     assert r.value["text/plain"] == "420"
-    assert "slept" in r.stdout
+    # The job's output went into the cell that started it, not into the one that waited.
+    assert "slept" not in r.stdout
+    late = [m for m in kernel.msgs if m.parent == started and "slept" in m.text]
+    assert late, "the --noblock cell's output did not stream into that cell"
     assert kernel.value("answer, h.done(), h.status()") == "(42, True, 'COMPLETED')"
 
 

@@ -11,9 +11,11 @@ The magics speak to the control plane only through ``flash_jupyter.client``.
 
 from __future__ import annotations
 
+import contextvars
 import os
 import re
 import sys
+import threading
 from typing import Any
 
 from IPython.core.displayhook import DisplayHook
@@ -23,7 +25,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from .. import errors, wire
 from ..client import get_client
 from ..config import EndpointConfig
-from ..endpoint import Job, _decode
+from ..endpoint import Job, _decode, _emit
 from . import cellcode
 from .remote import RemoteValue
 
@@ -77,12 +79,29 @@ def _names(v: str | None) -> list[str] | None:
 
 
 class CellJob:
-    """A ``%%flash --noblock`` cell in flight. ``result()`` waits, brings the names back
-    into the notebook and returns the cell's last value."""
+    """A ``%%flash --noblock`` cell in flight. Its output keeps streaming into the cell that
+    started it, whatever runs meanwhile; ``result()`` waits, brings the names back into the
+    notebook and returns the cell's last value."""
 
     def __init__(self, magics: FlashMagics, job: Job, endpoint: str, plan: dict[str, Any]):
         self._magics, self._job, self.endpoint, self._plan = magics, job, endpoint, plan
         self.id = job.id
+        self._streamed = threading.Event()
+        # The kernel routes output by a context variable holding the cell it belongs to:
+        # a thread running in a copy of this cell's context writes into this cell.
+        ctx = contextvars.copy_context()
+        threading.Thread(target=ctx.run, args=(self._stream,), daemon=True,
+                         name=f"flash-cell-{job.id[:8]}").start()  # fmt: skip
+
+    def _stream(self) -> None:
+        events = self._job._state.events
+        while True:
+            kind, data = events.get()
+            if kind == "done":
+                events.put((kind, data))  # for result()
+                self._streamed.set()
+                return
+            _emit(kind, data)
 
     def __repr__(self) -> str:
         return f"<flash cell {self.id[:8]} on {self.endpoint}: {self.status()}>"
@@ -98,6 +117,16 @@ class CellJob:
 
     def result(self, timeout: float | None = None) -> Any:
         __tracebackhide__ = True
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while not self._streamed.wait(0.2):  # short slices: interrupts get through
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"cell {self.id[:8]} not done after {timeout:g} s")
+        except KeyboardInterrupt:
+            self.cancel()
+            raise
         return self._magics._finish(self._job, self.endpoint, self._plan, timeout)
 
 
