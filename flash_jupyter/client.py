@@ -272,7 +272,8 @@ class Client:
         elif op == "display":
             job = self.jobs.get(meta["id"])
             if job is not None:
-                job.events.put(("display", (meta["data"], meta.get("metadata") or {})))
+                extra = {k: meta[k] for k in ("transient", "update", "clear") if k in meta}
+                job.events.put(("display", (meta["data"], meta.get("metadata") or {}, extra)))
         elif op == "reply":
             slot = self.replies.pop(meta["rid"], None)
             if slot is not None:

@@ -144,16 +144,24 @@ def _emit(kind: str, data: Any) -> None:
         _show(*data)
 
 
-def _show(data: dict[str, Any], metadata: dict[str, Any]) -> None:
-    """Rich output from the worker: into this cell when a kernel runs us, else as text."""
+def _show(
+    data: dict[str, Any], metadata: dict[str, Any], extra: dict[str, Any] | None = None
+) -> None:
+    """Rich output from the worker: into this cell when a kernel runs us, else as text.
+    ``extra``: transient (display_id), update (replace that output), clear (clear_output)."""
+    extra = extra or {}
     ip = sys.modules.get("IPython")
     shell = ip.get_ipython() if ip is not None else None
     if shell is not None and hasattr(shell, "display_pub"):
-        from IPython.display import publish_display_data
+        from IPython.display import clear_output, publish_display_data
 
         sys.stdout.flush()
-        publish_display_data(data=data, metadata=metadata)
-    else:
+        if "clear" in extra:
+            clear_output(wait=bool(extra["clear"]))
+            return
+        publish_display_data(data=data, metadata=metadata, transient=extra.get("transient"),
+                             update=bool(extra.get("update")))  # fmt: skip
+    elif data:
         sys.stdout.write(str(data.get("text/plain", "")) + "\n")
 
 

@@ -18,7 +18,8 @@ from typing import Any
 from jupyter_client.manager import KernelManager
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-OUTPUT = {"stream", "display_data", "execute_result", "error"}
+OUTPUT = {"stream", "display_data", "update_display_data", "clear_output", "execute_result",
+          "error"}  # fmt: skip
 
 
 def strip_ansi(text: str) -> str:

@@ -564,3 +564,26 @@ def test_out_and_local_flags(kernel, name):
     assert "remote" in kernel.value("repr(b)")  # not in --out: it stayed on the worker
     assert "local run: same a" in r.stdout  # the cell ran here too, and a agreed
     assert "b" in r.stdout.split("differs")[1]  # the pid, of course, did not
+
+
+def test_display_ids_updates_and_clear_output(kernel, name):
+    r = kernel.run(
+        f"%%flash name={name}\n"
+        "from IPython.display import HTML, clear_output, display, update_display\n"
+        "h = display(HTML('<i>v1</i>'), display_id=True)\n"
+        "h.update(HTML('<i>v2</i>'))\n"
+        "update_display(HTML('<i>v3</i>'), display_id=h.display_id)\n"
+        "clear_output(wait=True)\n"
+        "print('cleared')\n"
+    ).ok()
+    kinds = [m.type for m in r.msgs]
+    assert kinds.index("display_data") < kinds.index("update_display_data")
+    shown = next(m for m in r.msgs if m.type == "display_data")
+    updates = [m for m in r.msgs if m.type == "update_display_data"]
+    ids = {shown.content["transient"]["display_id"]}
+    ids |= {m.content["transient"]["display_id"] for m in updates}
+    assert len(ids) == 1  # both updates target the output made first
+    assert "<i>v3</i>" in updates[-1].content["data"]["text/html"]
+    clear = next(m for m in r.msgs if m.type == "clear_output")
+    assert clear.content["wait"] is True
+    assert kinds.index("clear_output") < max(i for i, m in enumerate(r.msgs) if m.type == "stream")

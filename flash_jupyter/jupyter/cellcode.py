@@ -20,12 +20,19 @@ class CellNames:
     bound_anywhere: set[str] = field(default_factory=set)  # incl. params, comprehensions
     bound: list[str] = field(default_factory=list)  # top level, in order of first binding
     first_use: dict[str, int] = field(default_factory=dict)  # loaded name -> first line
+    # Names the cell binds in a top-level statement before any statement reads them
+    # (`h = display(...)` then `h.update(...)`): the notebook's value is not needed.
+    bound_first: set[str] = field(default_factory=set)
 
 
 def analyse(code: str) -> CellNames:
     tree = ast.parse(code)
     names = CellNames()
     for node in ast.walk(tree):
+        if isinstance(node, ast.AugAssign) and isinstance(node.target, ast.Name):
+            # `x += 1` reads x first, though its target says Store.
+            names.loaded.add(node.target.id)
+            names.first_use.setdefault(node.target.id, node.lineno)
         if isinstance(node, ast.Name):
             if isinstance(node.ctx, ast.Load):
                 names.loaded.add(node.id)
@@ -50,12 +57,26 @@ def analyse(code: str) -> CellNames:
         elif isinstance(node, ast.MatchMapping) and node.rest:
             names.bound_anywhere.add(node.rest)
     seen: set[str] = set()
+    read: set[str] = set()
     for stmt in tree.body:
+        reads = {
+            n.id for n in ast.walk(stmt) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)
+        }
+        if isinstance(stmt, ast.AugAssign) and isinstance(stmt.target, ast.Name):
+            reads.add(stmt.target.id)
+        certain = isinstance(stmt, _ALWAYS_BINDS)  # not `if`/`for`/`try`: those may not run
         for n in _top_level_bindings(stmt):
             if n not in seen:
                 seen.add(n)
                 names.bound.append(n)
+                if certain and n not in read and n not in reads:
+                    names.bound_first.add(n)
+        read |= reads
     return names
+
+
+_ALWAYS_BINDS = (ast.Assign, ast.AnnAssign, ast.Import, ast.ImportFrom, ast.FunctionDef,
+                 ast.AsyncFunctionDef, ast.ClassDef, ast.With, ast.AsyncWith)  # fmt: skip
 
 
 def _import_name(alias: ast.alias) -> str:

@@ -210,7 +210,7 @@ class FlashMagics(Magics):
         needs_remote = sorted(n for n in names.loaded if n in mine)
         inputs = {}
         drop: list[str] = []
-        for n in sorted(names.loaded):
+        for n in sorted(names.loaded - names.bound_first):
             if n in mine or n not in ns or _IPYTHON_NAMES.match(n):
                 continue
             v = ns[n]

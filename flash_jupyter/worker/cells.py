@@ -22,7 +22,7 @@ RETURN_LIMIT = 64 << 20  # bytes: bigger values stay on the worker unless asked 
 
 
 class Cells:
-    def __init__(self, publish: Callable[[dict[str, Any], dict[str, Any]], None]):
+    def __init__(self, publish: Callable[..., None]):
         self.publish = publish  # (data, metadata) -> a display message for the running job
         self.namespaces: dict[str, dict[str, Any]] = {}
         self._hooks_installed = False
@@ -168,7 +168,7 @@ def _type_name(v: Any) -> str:
 # ---------------------------------------------------------------- display
 
 
-_publish: Callable[[dict[str, Any], dict[str, Any]], None] | None = None
+_publish: Callable[..., None] | None = None  # (data, metadata, **transient/update/clear)
 
 
 _REPR_METHODS = (
@@ -211,14 +211,59 @@ def mimebundle(obj: Any) -> dict[str, Any]:
     return data
 
 
-def display(*objs: Any, **kwargs: Any) -> None:
-    """IPython's ``display`` for a worker: each object becomes a display message."""
+class DisplayHandle:
+    """What ``display(..., display_id=...)`` returns: update that output in place later."""
+
+    def __init__(self, display_id: str):
+        self.display_id = display_id
+
+    def __repr__(self) -> str:
+        return f"<DisplayHandle display_id={self.display_id}>"
+
+    def display(self, obj: Any, **kwargs: Any) -> None:
+        display(obj, display_id=self.display_id, **kwargs)
+
+    def update(self, obj: Any, **kwargs: Any) -> None:
+        display(obj, display_id=self.display_id, update=True, **kwargs)
+
+
+def display(
+    *objs: Any,
+    metadata: dict[str, Any] | None = None,
+    transient: dict[str, Any] | None = None,
+    display_id: str | bool | None = None,
+    raw: bool = False,
+    clear: bool = False,
+    update: bool = False,
+    **kwargs: Any,
+) -> DisplayHandle | None:
+    """IPython's ``display`` for a worker: each object becomes a display message in the
+    caller's cell; ``display_id`` outputs can be updated in place, as in a kernel."""
+    if clear:
+        clear_output(wait=True)
+    if display_id is True:
+        import uuid
+
+        display_id = uuid.uuid4().hex
+    transient = dict(transient or {})
+    if display_id:
+        transient["display_id"] = display_id
     for obj in objs:
-        data = obj if kwargs.get("raw") and isinstance(obj, dict) else mimebundle(obj)
+        data = obj if raw and isinstance(obj, dict) else mimebundle(obj)
         if _publish is not None:
-            _publish(data, kwargs.get("metadata") or {})
+            _publish(data, metadata or {}, transient=transient, update=update)
         else:
             print(data.get("text/plain", ""))
+    return DisplayHandle(display_id) if display_id else None
+
+
+def update_display(obj: Any, *, display_id: str, **kwargs: Any) -> None:
+    display(obj, display_id=display_id, update=True, **kwargs)
+
+
+def clear_output(wait: bool = False) -> None:
+    if _publish is not None:
+        _publish({}, {}, clear=wait)
 
 
 def flush_figures() -> None:
@@ -243,8 +288,10 @@ def _patch(name: str) -> None:
     if mod is None:
         return
     if name in ("IPython.core.display_functions", "IPython.display", "IPython.core.display"):
-        if getattr(mod, "display", None) is not None:
-            mod.display = display
+        for attr, ours in (("display", display), ("update_display", update_display),
+                           ("clear_output", clear_output)):  # fmt: skip
+            if getattr(mod, attr, None) is not None:
+                setattr(mod, attr, ours)
     elif name == "matplotlib.pyplot":
         mod.show = lambda *a, **k: flush_figures()
 

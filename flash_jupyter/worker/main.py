@@ -181,11 +181,16 @@ class Worker:
         self._queue_done(out_meta, out_bufs, flush=not more)
 
     # -- execution
-    def _publish_display(self, data: dict[str, Any], metadata: dict[str, Any]) -> None:
+    def _publish_display(
+        self, data: dict[str, Any], metadata: dict[str, Any], **extra: Any
+    ) -> None:
+        """A display message for the running job (extra: transient, update, clear)."""
         jid = self.capture.job_id() or self.current
         if jid is not None:
             sys.stdout.flush()  # what was printed before the display comes first
-            self.conn.send({"op": "display", "id": jid, "data": data, "metadata": metadata})
+            meta = {"op": "display", "id": jid, "data": data, "metadata": metadata}
+            meta.update((k, v) for k, v in extra.items() if v not in (None, {}, False))
+            self.conn.send(meta)
 
     def _function(self, meta: dict[str, Any], bufs: list[Any]) -> Any:
         if "fnrefs" not in meta and meta.get("fn") is None:
