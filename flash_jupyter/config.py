@@ -179,10 +179,6 @@ class EndpointConfig:
         return self._hash(ENV_FIELDS)
 
     @property
-    def deps_hash(self) -> str:
-        return self._hash(("dependencies", "system_dependencies"))
-
-    @property
     def hardware(self) -> catalog.HardwareType:
         return catalog.lookup(self.gpu[0], "gpu") if self.gpu else catalog.lookup(self.cpu, "cpu")
 

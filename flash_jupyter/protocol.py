@@ -55,18 +55,6 @@ def sendmsg_all(sock: socket.socket, parts: list[Any]) -> None:
                 n = 0
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytearray:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = sock.recv_into(view[got:])
-        if not k:
-            raise ConnectionError("connection closed")
-        got += k
-    return buf
-
-
 class SyncConnection:
     """A blocking frame connection (used by the client and by workers)."""
 
