@@ -113,17 +113,21 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("build", help="build a dependency environment ahead of time")
     s.add_argument("--deps", required=True, help="comma-separated pip requirements")
     a = p.parse_args(argv)
-
     from .errors import FlashError
+
+    try:
+        return _run(a)
+    except FlashError as e:  # one line, no traceback: the message says what to do
+        print(f"flash-jupyter: {e}", file=sys.stderr)
+        return 1
+
+
+def _run(a: argparse.Namespace) -> int:
 
     if a.cmd == "start":
         from .client import start_local
 
-        try:
-            info = start_local()
-        except FlashError as e:
-            print(f"flash-jupyter: {e}", file=sys.stderr)
-            return 1
+        info = start_local()
         print(f"control plane at {info['url']} (pid {info['pid']})")
         return 0
     if a.cmd == "shutdown":
@@ -157,11 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if a.cmd == "env":
-        try:
-            c = _client()
-        except FlashError as e:
-            print(f"flash-jupyter: {e}", file=sys.stderr)
-            return 1
+        c = _client()
         print(f"export FLASH_JUPYTER_URL={c.url}")
         print(f"export FLASH_JUPYTER_TOKEN={c.token}")
         return 0
@@ -178,35 +178,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"environment ready in {time.monotonic() - t:.1f} s: {py}")
         return 0
 
-    try:
-        c = _client()
-        if a.cmd == "status":
-            eps = [c.endpoint(a.name)] if a.name else c.endpoints()
-            if a.json:
-                print(json.dumps(eps, indent=2))
-            else:
-                print(format_status(eps, None if a.name else c.billing()))
-        elif a.cmd == "logs":
-            for e in c.logs(a.name, a.tail):
-                sys.stdout.write(e["text"])
-        elif a.cmd == "scale":
-            lo, sep, hi = a.workers.partition(",")
-            try:  # "N" means (0, N), as workers=N does
-                wmin, wmax = (int(lo), int(hi)) if sep else (0, int(lo))
-            except ValueError:
-                print(f"flash-jupyter: workers must be MIN,MAX, not {a.workers!r}",
-                      file=sys.stderr)  # fmt: skip
-                return 2
-            print(json.dumps(c.scale(a.name, wmin, wmax)))
-        elif a.cmd == "stop":
-            print(json.dumps(c.stop(a.name)))
-        elif a.cmd == "delete":
-            print(json.dumps(c.delete(a.name)))
-        elif a.cmd == "billing":
-            print(json.dumps(c.billing(), indent=2))
-    except FlashError as e:
-        print(f"flash-jupyter: {e}", file=sys.stderr)
-        return 1
+    c = _client()
+    if a.cmd == "status":
+        eps = [c.endpoint(a.name)] if a.name else c.endpoints()
+        if a.json:
+            print(json.dumps(eps, indent=2))
+        else:
+            print(format_status(eps, None if a.name else c.billing()))
+    elif a.cmd == "logs":
+        for e in c.logs(a.name, a.tail):
+            sys.stdout.write(e["text"])
+    elif a.cmd == "scale":
+        lo, sep, hi = a.workers.partition(",")
+        try:  # "N" means (0, N), as workers=N does
+            wmin, wmax = (int(lo), int(hi)) if sep else (0, int(lo))
+        except ValueError:
+            print(f"flash-jupyter: workers must be MIN,MAX, not {a.workers!r}",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        print(json.dumps(c.scale(a.name, wmin, wmax)))
+    elif a.cmd == "stop":
+        print(json.dumps(c.stop(a.name)))
+    elif a.cmd == "delete":
+        print(json.dumps(c.delete(a.name)))
+    elif a.cmd == "billing":
+        print(json.dumps(c.billing(), indent=2))
     return 0
 
 
