@@ -4,15 +4,18 @@ One frame = a fixed header, a small metadata dict and zero or more raw buffers::
 
     <u32 meta_len> <u32 nbufs> <u64 len> * nbufs   meta   buf0 buf1 ...
 
-The first frame on a connection (hello) has JSON metadata, so nothing is unpickled before
-the token is checked; later frames use pickle for metadata (plain dicts, lists, str, bytes,
-numbers; never user objects: user payloads travel as raw buffers, opaque to the server).
+The first frame on a connection (hello) is small (``HELLO_MAX``), has no buffers and JSON
+metadata, and nothing after it is read before the token is checked. Later frames use pickle
+for metadata, loaded by an unpickler that refuses every global: plain dicts, lists, tuples,
+str, bytes and numbers only, so no metadata can make the reader call anything. User payloads
+travel as raw buffers, opaque to the control plane.
 Buffers go out with ``sendmsg`` (scatter/gather) and come in with ``recv_into``
 preallocated storage, so a 100 MB array is copied once by the kernel and never by Python.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -24,7 +27,11 @@ from typing import Any
 HEAD = struct.Struct("<II")
 LEN = struct.Struct("<Q")
 MAX_META = 64 << 20
+MAX_BUFS = 1 << 16  # buffers in one frame
+HELLO_MAX = 8 << 10  # the whole hello frame, header included
 IOV_MAX = 512
+DEEP_CHECK = 512  # metadata shorter than this cannot nest deep enough to matter
+MAX_DEPTH = 100
 
 
 def encode(meta: dict[str, Any], bufs: list[Any] = (), *, hello: bool = False) -> list[Any]:
@@ -36,8 +43,46 @@ def encode(meta: dict[str, Any], bufs: list[Any] = (), *, hello: bool = False) -
     return [head, m, *bufs]
 
 
+class _PlainUnpickler(pickle.Unpickler):
+    """Loads plain data only: every opcode that could name a callable goes through
+    ``find_class`` (or ``persistent_load``), and both refuse."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"frame metadata must be plain data, not {module}.{name}")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("frame metadata must be plain data")
+
+
 def decode_meta(m: bytes | memoryview, hello: bool = False) -> dict[str, Any]:
-    return json.loads(bytes(m)) if hello else pickle.loads(m)
+    """A frame's metadata: JSON for the hello, plain-data pickle after it.
+
+    Raises ValueError (or UnpicklingError) for anything else, and for data nested deeper
+    than ``MAX_DEPTH`` (it would break whoever later walks it recursively, e.g. JSON).
+    """
+    if hello:
+        meta = json.loads(bytes(m))
+    else:
+        meta = _PlainUnpickler(io.BytesIO(m)).load()
+        if len(m) > DEEP_CHECK:
+            check_depth(meta, MAX_DEPTH)
+    if not isinstance(meta, dict):
+        raise ValueError("frame metadata must be a dict")
+    return meta
+
+
+def check_depth(obj: Any, limit: int) -> None:
+    """Raise ValueError if containers nest deeper than ``limit`` (iterative: no recursion)."""
+    stack = [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        if isinstance(o, dict):
+            o = o.values()
+        elif not isinstance(o, (list, tuple)):
+            continue
+        if d > limit:
+            raise ValueError(f"frame metadata nests deeper than {limit} levels")
+        stack.extend((x, d + 1) for x in o if isinstance(x, (dict, list, tuple)))
 
 
 def sendmsg_all(sock: socket.socket, parts: list[Any]) -> None:

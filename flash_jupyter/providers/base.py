@@ -31,7 +31,7 @@ class WorkerSpec:
     config: EndpointConfig
     allocation: Allocation
     wire: tuple[str, int]  # where the worker connects
-    token: str
+    credential: str  # the worker's own wire credential (never the control plane's token)
     spool: str | None = None  # shared-memory folder for large buffers, when on this host
 
 

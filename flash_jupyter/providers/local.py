@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -21,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from .. import catalog
+from .. import catalog, credentials
 from ..config import EndpointConfig
 from .base import Allocation, PlacementError, WorkerSpec
 from .environments import ensure_environment
@@ -161,12 +162,14 @@ class LocalProvider:
         if self._spare_proc is not None or self._closing:
             return
         env = dict(os.environ)
+        nonce = secrets.token_hex(8)
         env["FLASH_JUPYTER_WORKER"] = json.dumps(
-            {"spare": True, "host": self._wire[0], "port": self._wire[1]}
+            {"spare": True, "host": self._wire[0], "port": self._wire[1], "nonce": nonce}
         )
-        env["FLASH_JUPYTER_WORKER_TOKEN"] = self._token
+        env["FLASH_JUPYTER_WORKER_TOKEN"] = credentials.spare_credential(self._token, nonce)
         self._spare_ready = asyncio.Event()
         proc = await self._exec(sys.executable, env, "spare")
+        proc._flash_nonce = nonce  # type: ignore[attr-defined]
         self._spare_as_spare(proc)
 
     def _adopt_spare(self, proc: Any, log_path: Path) -> None:
@@ -184,9 +187,14 @@ class LocalProvider:
 
         proc._flash_on_exit = spare_exit  # type: ignore[attr-defined]
 
-    def spare_ready(self, pid: int, conn: Any) -> bool:
+    def spare_ready(self, nonce: str, conn: Any) -> bool:
         """The spare process connected; ``conn`` is how it will be told its endpoint."""
-        if self._spare_proc is not None and self._spare_proc.pid == pid:
+        proc = self._spare_proc
+        if (
+            proc is not None
+            and self._spare_conn is None
+            and getattr(proc, "_flash_nonce", None) == nonce
+        ):
             self._spare_conn = conn
             self._spare_ready.set()
             return True
@@ -251,6 +259,7 @@ class LocalProvider:
             self._spare_proc = self._spare_conn = None
             self._spare_ready = asyncio.Event()
             proc._flash_on_exit = on_exit  # type: ignore[attr-defined]
+            conn.assigned = (spec.worker_id, spec.incarnation)
             conn.send({"op": "assign", "env": user_env, "spec": worker})
             self._replenish_spare()
             return proc
@@ -262,7 +271,7 @@ class LocalProvider:
         env = dict(os.environ)
         env.update(user_env)
         env["FLASH_JUPYTER_WORKER"] = json.dumps(worker)
-        env["FLASH_JUPYTER_WORKER_TOKEN"] = spec.token
+        env["FLASH_JUPYTER_WORKER_TOKEN"] = spec.credential
         proc = await self._exec(python, env, spec.worker_id)
         proc._flash_on_exit = on_exit  # type: ignore[attr-defined]
         self._replenish_spare()

@@ -16,7 +16,7 @@ import uuid
 from collections import deque
 from typing import Any
 
-from .. import shm
+from .. import credentials, shm
 from ..config import EndpointConfig
 from ..providers.base import Allocation, PlacementError, Provider, WorkerSpec
 from . import model as m
@@ -638,7 +638,8 @@ class ControlPlane(Views, SpoolKeeper):
         w.stopping = False
         w.handle = "starting"
         self._publish_worker(w)
-        spec = WorkerSpec(w.id, w.incarnation, cfg, alloc, self.wire_addr, self.token, self.spool)
+        cred = credentials.worker_credential(self.token, w.id, w.incarnation)
+        spec = WorkerSpec(w.id, w.incarnation, cfg, alloc, self.wire_addr, cred, self.spool)
         w.spawn_task = asyncio.ensure_future(self._spawn(ep, w, spec))  # type: ignore[attr-defined]
 
     def _reclaim_idle(self, wanting: m.EndpointState) -> None:
@@ -685,8 +686,8 @@ class ControlPlane(Views, SpoolKeeper):
         ep_name = worker_id.rsplit("-", 1)[0]
         ep = self.endpoints.get(ep_name)
         w = ep.workers.get(worker_id) if ep else None
-        if w is None or w.incarnation != incarnation or not w.live:
-            return False
+        if w is None or w.incarnation != incarnation or not w.live or w.conn is not None:
+            return False  # not that worker now, or it is connected already
         w.conn = conn
         w.pid = pid or w.pid
         w.ready_at = time.time()
@@ -842,37 +843,50 @@ class ControlPlane(Views, SpoolKeeper):
                 self._finish(job, m.FAILED, error={"message": message, "type": "WorkerStartError"})
 
     # ------------------------------------------------------------------ worker messages
-    def worker_frame(self, worker_id: str, meta: dict[str, Any], bufs: list[bytearray]) -> None:
+    def worker_frame(
+        self, worker_id: str, conn: Any, meta: dict[str, Any], bufs: list[bytearray]
+    ) -> None:
+        """A frame from a worker. It speaks for its own jobs only: anything naming another
+        job is ignored, and malformed frames raise (the connection then stops the worker)."""
         op = meta.get("op")
         if op == "done":
-            self._job_done(worker_id, meta, bufs)
+            self._job_done(worker_id, conn, meta, bufs)
         elif op == "dones":
             for item in meta["items"]:
-                self._job_done(worker_id, item, bufs)
-        elif op == "out":
-            job = self.jobs.get(meta["id"])
-            if job is None:
-                return
-            ep = self.endpoints.get(job.endpoint)
-            if ep is not None:
-                self._log(ep, job, meta["stream"], meta["text"])
-            if job.owner is not None and job.status not in m.TERMINAL:
-                job.owner.send({"op": "out", "id": job.id, "stream": meta["stream"],
-                                "text": meta["text"]})  # fmt: skip
-        elif op == "display":
-            job = self.jobs.get(meta["id"])
-            if job is not None and job.owner is not None and job.status not in m.TERMINAL:
-                job.owner.send(meta)
-            if job is not None and self.events.active:
-                text = (meta.get("data") or {}).get("text/plain", "")
-                self.events.publish("display", endpoint=job.endpoint, job=job.id, text=text)
+                self._job_done(worker_id, conn, item, bufs)
         elif op == "release":
-            self.route_release(meta["paths"])
-        elif op == "chunk":
+            self.route_release(conn.spool_paths(meta["paths"]))
+        elif op in ("out", "display", "chunk"):
             job = self.jobs.get(meta["id"])
-            if job is not None:
+            if job is None or job.worker_id != worker_id:
+                return
+            if op == "out":
+                stream, text = meta["stream"], meta["text"]
+                if stream not in ("stdout", "stderr") or not isinstance(text, str):
+                    raise ValueError("out frames carry stdout or stderr text")
+                ep = self.endpoints.get(job.endpoint)
+                if ep is not None:
+                    self._log(ep, job, stream, text)
+                if job.owner is not None and job.status not in m.TERMINAL:
+                    job.owner.send({"op": "out", "id": job.id, "stream": stream, "text": text})
+            elif op == "display":
+                if job.owner is not None and job.status not in m.TERMINAL:
+                    job.owner.send(meta)
+                if self.events.active:
+                    text = (meta.get("data") or {}).get("text/plain", "")
+                    self.events.publish("display", endpoint=job.endpoint, job=job.id, text=text)
+            else:
                 job.stream.append(meta["output"])
                 self.events.publish("chunk", job=job.id, endpoint=job.endpoint)
+
+    def worker_misbehaved(self, worker: tuple[str, int], reason: str) -> None:
+        """A worker sent what it must not: stop it (its jobs are retried elsewhere)."""
+        wid, inc = worker
+        ep = self.endpoints.get(wid.rsplit("-", 1)[0])
+        w = ep.workers.get(wid) if ep else None
+        if w is not None and w.incarnation == inc and w.live:
+            self._log(ep, None, "system", f"[{wid}] {reason}; stopping it\n")
+            self._stop_worker(w, reason, kill=True, expected=False)
 
     def _log(self, ep: m.EndpointState, job: m.Job | None, stream: str, text: str) -> None:
         entry = {"time": time.time(), "job": job.id if job else None, "stream": stream,
@@ -880,7 +894,9 @@ class ControlPlane(Views, SpoolKeeper):
         ep.logs.append(entry)
         self.events.publish("output", endpoint=ep.name, **entry)
 
-    def _job_done(self, worker_id: str, meta: dict[str, Any], bufs: list[bytearray]) -> None:
+    def _job_done(
+        self, worker_id: str, conn: Any, meta: dict[str, Any], bufs: list[bytearray]
+    ) -> None:
         job = self.jobs.get(meta["id"])
         if job is None:
             return
@@ -903,7 +919,7 @@ class ControlPlane(Views, SpoolKeeper):
             else:
                 result = {
                     "codec": meta.get("c", "cloudpickle"),
-                    "blobs": shm.from_refs(meta["refs"], bufs),
+                    "blobs": conn.own_refs(meta["refs"], bufs, conn.writer_name),
                 }
             self._finish(job, m.COMPLETED, result=result)
         else:

@@ -1,23 +1,37 @@
 """The binary wire, asyncio side (the control plane): parse frames as bytes arrive.
 
-See ``flash_jupyter.protocol`` for the frame layout.
+See ``flash_jupyter.protocol`` for the frame layout. Until its hello is accepted, a
+connection is read in a small buffer, one frame at most: a header declaring more than
+``HELLO_MAX`` bytes or any buffer closes it, so does silence for ``HELLO_TIMEOUT`` seconds,
+and after a refused hello every byte is discarded unparsed. After the hello, a frame is
+bounded by ``MAX_FRAME`` bytes, and what a connection buffered is dropped when it closes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from collections.abc import Callable
 from typing import Any
 
-from ..protocol import HEAD, LEN, MAX_META, decode_meta, encode
+from ..protocol import HEAD, HELLO_MAX, LEN, MAX_BUFS, MAX_META, decode_meta, encode
+
+HELLO_TIMEOUT = float(os.environ.get("FLASH_JUPYTER_HELLO_TIMEOUT", "5"))
+MAX_FRAME = int(os.environ.get("FLASH_JUPYTER_MAX_FRAME_BYTES", str(4 << 30)))
+
+
+class FrameTooLarge(ValueError):
+    pass
 
 
 class FrameProtocol(asyncio.BufferedProtocol):
     """asyncio side of the framing, for the control plane.
 
     ``on_frame(meta, bufs)`` is called for each complete frame; ``on_close()`` once.
-    Large buffers are received directly into their own preallocated bytearray.
+    The first frame goes to ``on_frame`` too, and the connection stays open only if the
+    callback calls ``accept()``. Large buffers are received directly into their own
+    preallocated bytearray.
     """
 
     SMALL = 1 << 18
@@ -32,10 +46,13 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self.on_close = on_close
         self.on_open = on_open
         self.transport: asyncio.Transport | None = None
-        self.hello_done = False
+        self.hello_done = False  # the first frame was parsed
+        self.accepted = False  # ... and its token verified
+        self._hello_timer: asyncio.TimerHandle | None = None
         # asyncio keeps a view of the buffer while calling buffer_updated, so the
-        # bytearray is never resized: it is compacted in place or replaced.
-        self._buf = bytearray(self.SMALL)
+        # bytearray is never resized: it is compacted in place or replaced. It holds no
+        # more than a hello until the hello is accepted.
+        self._buf = bytearray(HELLO_MAX)
         self._start = 0  # first unparsed byte
         self._n = 0  # end of valid bytes
         self._big: bytearray | None = None  # current large buffer being filled
@@ -49,8 +66,21 @@ class FrameProtocol(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        loop = asyncio.get_running_loop()
+        self._hello_timer = loop.call_later(HELLO_TIMEOUT, self._hello_late)
         if self.on_open:
             self.on_open(self)
+
+    def _hello_late(self) -> None:
+        if not self.accepted:
+            self._fail()
+
+    def accept(self) -> None:
+        """The hello is good: read what follows."""
+        self.accepted = True
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+            self._hello_timer = None
 
     def _reserve(self, need: int) -> None:
         """Make room for `need` more bytes after the valid region."""
@@ -68,10 +98,18 @@ class FrameProtocol(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._big is not None:
             return memoryview(self._big)[self._big_n :]
+        if self.closed:  # bytes after a refusal: read and dropped
+            self._start = self._n = 0
+            return memoryview(self._buf)
+        if not self.accepted:
+            # Never grow before the hello (it fits: its header said so, or it is refused).
+            return memoryview(self._buf)[self._n :]
         self._reserve(4096)
         return memoryview(self._buf)[self._n :]
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self.closed:
+            return
         if self._big is not None:
             self._big_n += nbytes
             if self._big_n < len(self._big):
@@ -82,9 +120,34 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._parse()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._release()
         if not self.closed:
             self.closed = True
             self.on_close()
+
+    def _release(self) -> None:
+        """Let go of everything this connection buffered (it may have been large)."""
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+            self._hello_timer = None
+        self._buf = bytearray(64)
+        self._start = self._n = 0
+        self._big = None
+        self._pending = None
+
+    def _fail(self, message: str | None = None) -> None:
+        """Stop reading this connection for good (optionally telling the peer why)."""
+        if self.closed:
+            return
+        if message and self.transport is not None:
+            self.transport.write(b"".join(encode({"op": "error", "message": message})))
+        self.closed = True
+        if self.transport is not None:
+            if message:
+                self.transport.close()  # flushes the error frame first
+            else:
+                self.transport.abort()
+        self.on_close()
 
     def eof_received(self) -> bool:
         return False
@@ -124,18 +187,38 @@ class FrameProtocol(asyncio.BufferedProtocol):
                         pos = self._n
                         self._big, self._big_n = big, avail
                     return
+                if self.hello_done and not self.accepted:
+                    # A hello was refused (or is being decided): nothing after it is read.
+                    pos = self._n
+                    return
                 if avail < HEAD.size:
                     return
                 mlen, nb = HEAD.unpack_from(buf, pos)
-                if mlen > MAX_META:
-                    raise ValueError("frame metadata too large")
                 hlen = HEAD.size + 8 * nb
+                if not self.hello_done:
+                    if nb or hlen + mlen > HELLO_MAX:
+                        raise FrameTooLarge("the first frame must be a hello of a few KiB")
+                elif mlen > MAX_META or nb > MAX_BUFS:
+                    raise FrameTooLarge(
+                        f"frame too large: {mlen} bytes of metadata, {nb} buffers "
+                        f"(at most {MAX_META} and {MAX_BUFS})"
+                    )
+                if avail < hlen:
+                    self._start = pos
+                    self._reserve(hlen - avail)
+                    pos = self._start
+                    return
+                lens = [LEN.unpack_from(buf, pos + HEAD.size + 8 * i)[0] for i in range(nb)]
+                if mlen + sum(lens) > MAX_FRAME:
+                    raise FrameTooLarge(
+                        f"frame too large: {mlen + sum(lens)} bytes (at most {MAX_FRAME}, "
+                        f"FLASH_JUPYTER_MAX_FRAME_BYTES)"
+                    )
                 if avail < hlen + mlen:
                     self._start = pos
                     self._reserve(hlen + mlen - avail)
                     pos = self._start
                     return
-                lens = [LEN.unpack_from(buf, pos + HEAD.size + 8 * i)[0] for i in range(nb)]
                 meta = decode_meta(
                     bytes(buf[pos + hlen : pos + hlen + mlen]), hello=not self.hello_done
                 )
@@ -143,14 +226,17 @@ class FrameProtocol(asyncio.BufferedProtocol):
                 pos += hlen + mlen
                 self._pending = {"meta": meta, "lens": lens, "bufs": []}
                 self._maybe_emit()
+        except FrameTooLarge as e:
+            self._fail(str(e) if self.accepted else None)
         except Exception:
-            self.closed = True
-            self.abort()
-            self.on_close()
+            self._fail()
         finally:
-            self._start = pos
-            if self._start == self._n:
-                self._start = self._n = 0
+            if self.closed:
+                self._release()
+            else:
+                self._start = pos
+                if self._start == self._n:
+                    self._start = self._n = 0
 
     # -- sending
     def send(self, meta: dict[str, Any], bufs: list[Any] = ()) -> None:
@@ -165,3 +251,10 @@ class FrameProtocol(asyncio.BufferedProtocol):
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
+
+    def refuse(self) -> None:
+        """The hello was refused: send nothing more, read nothing more, close."""
+        self.closed = True
+        self._release()
+        if self.transport is not None:
+            self.transport.close()

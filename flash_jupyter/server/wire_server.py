@@ -1,16 +1,19 @@
 """The binary wire, server side: clients (kernels, scripts) and workers connect here.
 
-The first frame is a JSON hello carrying the token; a wrong token gets one error frame and
-the connection is closed. After that, frames are handed to the control plane.
+The first frame is a JSON hello carrying a credential: the token for a client, a worker's
+own credential for a worker (see ``flash_jupyter.credentials``). A wrong one gets one error
+frame, and the connection is closed with nothing after the hello read. After that, frames
+are handed to the control plane, and what they name is checked against what the peer may
+touch: a worker speaks only for its own jobs, spool files are only those of the spool.
 """
 
 from __future__ import annotations
 
-import hmac
+import os
 import time
 from typing import Any
 
-from .. import shm, wire
+from .. import credentials, shm, wire
 from ..config import EndpointConfig
 from . import model as m
 from .control import ControlPlane, NotFound
@@ -30,6 +33,13 @@ class Connection:
         self.writer: str | None = None
 
     # -- used by the control plane
+    @property
+    def writer_name(self) -> str | None:
+        """This peer's folder in the spool: the only spool files it may name."""
+        if self.worker is not None:
+            return f"w-{self.worker[0]}-{self.worker[1]}"
+        return self.writer
+
     def send(self, meta: dict[str, Any], bufs: list[Any] = ()) -> None:
         self.proto.send(meta, bufs)
 
@@ -76,7 +86,11 @@ class Connection:
             self._hello(meta)
             return
         if self.role == "worker":
-            self.cp.worker_frame(self.worker[0], meta, bufs)
+            try:
+                self.cp.worker_frame(self.worker[0], self, meta, bufs)
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+                # A worker that sends what it should not is not trusted further.
+                self.cp.worker_misbehaved(self.worker, f"sent a bad {meta.get('op')!r} frame: {e}")
             return
         if self.role == "spare":
             if meta.get("op") == "worker_hello":
@@ -100,40 +114,103 @@ class Connection:
             else:
                 self.send({"op": "error", "message": str(e)})
 
+    def _refuse(self) -> None:
+        self.send({"op": "error", "status": 401, "message": "401 Unauthorized: bad credential"})
+        self.proto.refuse()
+
     def _hello(self, meta: dict[str, Any]) -> None:
-        token = str(meta.get("token", ""))
-        if not hmac.compare_digest(token.encode(), self.cp.token.encode()):
-            self.send({"op": "error", "status": 401, "message": "401 Unauthorized: bad token"})
-            self.close()
-            return
-        role = meta.get("role")
+        role, given = meta.get("role"), meta.get("token")
+        token = self.cp.token
         if role == "worker":
+            wid, inc = meta.get("id"), meta.get("incarnation")
+            if not (isinstance(wid, str) and type(inc) is int) or not credentials.same(
+                credentials.worker_credential(token, wid, inc), given
+            ):
+                self._refuse()
+                return
+            self.proto.accept()
             self._become_worker(meta)
             return
         if role == "spare":
+            nonce = meta.get("nonce")
+            if not isinstance(nonce, str) or not credentials.same(
+                credentials.spare_credential(token, nonce), given
+            ):
+                self._refuse()
+                return
+            self.proto.accept()
             ready = getattr(self.cp.provider, "spare_ready", None)
-            if ready is None or not ready(int(meta.get("pid", 0)), self):
+            if ready is None or not ready(nonce, self):
                 self.send({"op": "exit"})
                 self.close()
                 return
             self.role = "spare"
             return
+        if role not in (None, "client") or not credentials.same(token, given):
+            self._refuse()
+            return
+        self.proto.accept()
         self.role = "client"
         self.cp.clients.add(self)
-        writer = str(meta.get("writer") or "")
-        if writer.startswith("c-") and "/" not in writer:
+        writer = meta.get("writer")
+        if isinstance(writer, str) and writer.startswith("c-") and _plain_name(writer):
             self.writer = writer
             self.cp.writers[writer] = self
         self.send({"op": "welcome", **self.info, "stamp": wire.stamp(), "time": time.time()})
 
     def _become_worker(self, meta: dict[str, Any]) -> None:
-        wid, inc = meta["id"], int(meta["incarnation"])
+        wid, inc = meta.get("id"), meta.get("incarnation")
+        if self.role == "spare" and getattr(self, "assigned", None) != (wid, inc):
+            self.close()  # a spare becomes the worker it was assigned, nothing else
+            return
         if not self.cp.worker_hello(wid, inc, self, meta.get("pid")):
             self.send({"op": "exit"})
             self.close()
             return
         self.role, self.worker = "worker", (wid, inc)
         self.cp.writers[f"w-{wid}-{inc}"] = self
+
+    # -- what a peer may name
+    def own_refs(self, refs: Any, bufs: list[Any], writer: str | None) -> list[Any]:
+        """Blob references from this peer: indexes into the frame, or spool files in the
+        peer's own spool folder. Anything else is refused before it is recorded."""
+        if not isinstance(refs, list):
+            raise ValueError("refs must be a list")
+        for r in refs:
+            if type(r) is int:
+                if not 0 <= r < len(bufs):
+                    raise ValueError("buffer reference out of range")
+            elif not self.own_spool_file(r, writer):
+                raise ValueError("a blob names a file outside this connection's spool folder")
+        return shm.from_refs(refs, bufs)
+
+    def own_spool_file(self, ref: Any, writer: str | None) -> bool:
+        if not (isinstance(ref, (list, tuple)) and len(ref) == 3 and ref[0] == "shm"):
+            return False
+        path, n = ref[1], ref[2]
+        return (
+            writer is not None
+            and self.cp.spool is not None
+            and isinstance(path, str)
+            and type(n) is int
+            and n >= 0
+            and os.path.dirname(path) == os.path.join(self.cp.spool, writer)
+            and _plain_name(os.path.basename(path))
+        )
+
+    def spool_paths(self, paths: Any) -> list[str]:
+        """The paths of a ``release`` that are spool files (others are ignored)."""
+        spool = self.cp.spool
+        if not spool or not isinstance(paths, list):
+            return []
+        return [
+            p
+            for p in paths
+            if isinstance(p, str)
+            and os.path.dirname(os.path.dirname(p)) == spool
+            and _plain_name(os.path.basename(os.path.dirname(p)))
+            and _plain_name(os.path.basename(p))
+        ]
 
     # -- client operations
     def _reply(self, meta: dict[str, Any], result: Any) -> None:
@@ -143,13 +220,16 @@ class Connection:
         cfg = EndpointConfig.from_dict(meta["config"])
         handler = meta.get("handler")
         if handler:
-            self.cp.put_function(handler, meta["hc"], shm.from_refs(meta["hrefs"], bufs))
+            self.cp.put_function(
+                handler, meta["hc"], self.own_refs(meta["hrefs"], bufs, self.writer)
+            )
         self._reply(meta, self.cp.deploy(cfg, handler))
 
     def op_submit(self, meta: dict[str, Any], bufs: list[bytearray]) -> None:
         fn = meta.get("fn")
+        blobs = self.own_refs(meta["refs"], bufs, self.writer)
         body: dict[str, Any] = {"codec": meta.get("c", "cloudpickle"), "stamp": meta.get("stamp"),
-                                "blobs": shm.from_refs(meta["refs"], bufs)}  # fmt: skip
+                                "blobs": blobs}  # fmt: skip
         if meta.get("paths"):
             body["paths"] = meta["paths"]
         if meta.get("affinity"):
@@ -157,7 +237,7 @@ class Connection:
         if meta.get("noshm"):
             body["noshm"] = True
         if "fnrefs" in meta:
-            blobs = shm.from_refs(meta["fnrefs"], bufs)
+            blobs = self.own_refs(meta["fnrefs"], bufs, self.writer)
             if fn:
                 self.cp.put_function(fn, meta["fnc"], blobs)
             else:
@@ -193,10 +273,15 @@ class Connection:
             self.send({"op": "unknown", "ids": unknown})
 
     def op_release(self, meta: dict[str, Any], bufs: list[bytearray]) -> None:
-        self.cp.route_release(meta["paths"])
+        self.cp.route_release(self.spool_paths(meta["paths"]))
 
     def op_status(self, meta: dict[str, Any], bufs: list[bytearray]) -> None:
         try:
             self._reply(meta, self.cp.status_payload(self.cp.job(meta["id"])))
         except NotFound as e:
             self.send({"op": "reply", "rid": meta["rid"], "ok": False, "error": str(e.args[0])})
+
+
+def _plain_name(name: str) -> bool:
+    """A single path component made by this project (no separators, not . or ..)."""
+    return bool(name) and name not in (".", "..") and "/" not in name and "\0" not in name

@@ -324,7 +324,8 @@ def main() -> None:
     conn = SyncConnection.open(spec["host"], int(spec["port"]))
     if spec.get("spare"):
         # A spare: connected and imported, waiting to be given an endpoint.
-        conn.send({"role": "spare", "token": token, "pid": os.getpid()}, hello=True)
+        conn.send({"role": "spare", "token": token, "nonce": spec.get("nonce"), "pid": os.getpid()},
+                  hello=True)  # fmt: skip
         try:
             meta, _ = conn.recv()
         except (ConnectionError, OSError):
