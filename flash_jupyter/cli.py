@@ -1,7 +1,7 @@
 """``flash-jupyter``: run and inspect the control plane from a shell.
 
-flash-jupyter serve [--host H --port P --token T --data-dir D]   foreground control plane
-flash-jupyter start | shutdown                                   the machine-local one
+flash-jupyter serve [--host H --port P --token T --new-token --data-dir D]  foreground
+flash-jupyter start [--new-token] | shutdown                     the machine-local one
 flash-jupyter env                                                export lines for curl
 flash-jupyter status [NAME]                                      endpoints, workers, cost
 flash-jupyter logs NAME [--tail N]
@@ -93,7 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--version", action="version", version=__version__)
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("serve", help="run the control plane in the foreground (see serve --help)")
-    sub.add_parser("start", help="start the machine-local control plane (detached)")
+    s = sub.add_parser("start", help="start the machine-local control plane (detached)")
+    s.add_argument(
+        "--new-token",
+        action="store_true",
+        help="start it with a new random token, kept from then on (it must not be running)",
+    )
     sub.add_parser("shutdown", help="stop the machine-local control plane")
     sub.add_parser("env", help="print FLASH_JUPYTER_URL and FLASH_JUPYTER_TOKEN exports")
     s = sub.add_parser("status", help="endpoints, workers, states and cost")
@@ -127,7 +132,22 @@ def _run(a: argparse.Namespace) -> int:
     if a.cmd == "start":
         from .client import start_local
 
-        info = start_local()
+        if a.new_token:
+            from .protocol import pid_alive
+
+            running = paths.read_runtime()
+            if running and pid_alive(int(running.get("pid", 0))):
+                print(
+                    f"flash-jupyter: a control plane already runs (pid {running['pid']}) and "
+                    "keeps its token: `flash-jupyter shutdown` first, then `start --new-token`",
+                    file=sys.stderr,
+                )
+                return 1
+            if os.environ.get("FLASH_JUPYTER_TOKEN"):
+                print("flash-jupyter: --new-token cannot be used with FLASH_JUPYTER_TOKEN",
+                      file=sys.stderr)  # fmt: skip
+                return 2
+        info = start_local(extra_args=["--new-token"] if a.new_token else [])
         print(f"control plane at {info['url']} (pid {info['pid']})")
         return 0
     if a.cmd == "shutdown":

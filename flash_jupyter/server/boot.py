@@ -22,9 +22,28 @@ from typing import Any
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flash-jupyter serve", description="Run the control plane.")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=0, help="HTTP port (0: any free port)")
-    p.add_argument("--wire-port", type=int, default=0, help="binary wire port (0: any)")
-    p.add_argument("--token", default=os.environ.get("FLASH_JUPYTER_TOKEN"))
+    p.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help="HTTP port (default: the data dir's saved one, else any free port; 0: a new one)",
+    )
+    p.add_argument(
+        "--wire-port",
+        type=int,
+        default=None,
+        help="binary wire port (default: the saved one, else any; 0: a new one)",
+    )
+    p.add_argument(
+        "--token",
+        default=os.environ.get("FLASH_JUPYTER_TOKEN"),
+        help="bearer token (default: $FLASH_JUPYTER_TOKEN, else the data dir's saved one)",
+    )
+    p.add_argument(
+        "--new-token",
+        action="store_true",
+        help="make a new random token instead of the saved one, and keep it from now on",
+    )
     p.add_argument("--data-dir", type=Path, default=None)
     p.add_argument(
         "--idle-shutdown",
@@ -68,30 +87,69 @@ def exclusive(data_dir: Path) -> Any:
 def spawn_spare(data_dir: Path, host: str, port: int, token: str) -> subprocess.Popen | None:
     if os.environ.get("FLASH_JUPYTER_SPARE_WORKERS", "1") in ("", "0"):
         return None
+    from ..credentials import spare_credential
+
     env = dict(os.environ)
     env.pop("FLASH_JUPYTER_URL", None)
     env.pop("FLASH_JUPYTER_TOKEN", None)
-    env["FLASH_JUPYTER_WORKER"] = json.dumps({"spare": True, "host": host, "port": port})
-    env["FLASH_JUPYTER_WORKER_TOKEN"] = token
+    nonce = secrets.token_hex(8)
+    env["FLASH_JUPYTER_WORKER"] = json.dumps(
+        {"spare": True, "host": host, "port": port, "nonce": nonce}
+    )
+    env["FLASH_JUPYTER_WORKER_TOKEN"] = spare_credential(token, nonce)
     logs = data_dir / "logs"
     logs.mkdir(exist_ok=True)
     with open(logs / "spare.log", "ab") as log:
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             [sys.executable, "-m", "flash_jupyter.worker"],
             env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
         )  # fmt: skip
+    proc._flash_nonce = nonce  # type: ignore[attr-defined]
+    return proc
+
+
+def listen(host: str, asked: int | None, saved: Any, what: str) -> tuple[socket.socket, int]:
+    """A listener on the port asked for, else on the saved one, else on any free port.
+
+    Returns it with the port to save: a saved port that someone else holds now is kept for
+    the next start, and this run takes a free one (and says so).
+    """
+    if asked is not None:
+        sock = bind(host, asked)
+        return sock, sock.getsockname()[1]
+    if isinstance(saved, int) and 0 < saved < 65536:
+        try:
+            return bind(host, saved), saved
+        except OSError as e:
+            sock = bind(host, 0)
+            print(
+                f"flash-jupyter: the saved {what} {saved} is not available ({e.strerror}); "
+                f"using {what} {sock.getsockname()[1]} for this run",
+                file=sys.stderr,
+                flush=True,
+            )
+            return sock, saved
+    sock = bind(host, 0)
+    return sock, sock.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> None:
-    a = parser().parse_args(argv)
+    p = parser()
+    a = p.parse_args(argv)
+    if a.new_token and a.token:
+        p.error("--new-token cannot be used with --token or FLASH_JUPYTER_TOKEN")
     from .. import paths
 
     data_dir = paths.ensure_private_dir(Path(a.data_dir or paths.home()))
     lock = exclusive(data_dir)
-    token = a.token or secrets.token_urlsafe(24)
-    http_sock = bind(a.host, a.port)
-    wire_sock = bind(a.host, a.wire_port)
+    # The token and ports stay the same across restarts (server.json), unless asked otherwise.
+    saved = paths.read_settings(data_dir)
+    keep = None if a.new_token else saved.get("token")
+    token = a.token or (keep if isinstance(keep, str) and keep else secrets.token_urlsafe(24))
+    http_sock, http_port = listen(a.host, a.port, saved.get("port"), "port")
+    wire_sock, wire_port = listen(a.host, a.wire_port, saved.get("wire_port"), "wire port")
     spare = spawn_spare(data_dir, a.host, wire_sock.getsockname()[1], token)
+    paths.update_settings(data_dir, host=a.host, port=http_port, wire_port=wire_port, token=token)
 
     from .app import serve
 
