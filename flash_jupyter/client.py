@@ -410,6 +410,14 @@ class Client:
             full_meta["fnc"] = fn.codec
             full_meta["fnrefs"] = list(range(len(bufs), len(bufs) + 1 + len(fn.buffers)))
             full_bufs += [fn.data, *fn.buffers]
+        inline = sum(memoryview(b).nbytes for b in full_bufs if not isinstance(b, tuple))
+        limit = self.welcome.get("max_frame")
+        if limit and inline > limit:
+            shm.discard(blobs)
+            raise errors.SerializationError(
+                f"this call sends {inline} bytes over the wire, more than the control plane "
+                f"takes in one frame ({limit} bytes, FLASH_JUPYTER_MAX_FRAME_BYTES)"
+            )
         job = JobState(jid, endpoint, (full_meta, full_bufs))
         job.files = files
         self.jobs[jid] = job

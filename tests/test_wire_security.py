@@ -10,6 +10,7 @@ import struct
 from pathlib import Path
 
 import pytest
+from conftest import wait_for
 
 from flash_jupyter import Endpoint, protocol
 
@@ -266,3 +267,35 @@ def test_spool_refs_outside_the_writers_folder_are_refused(client, server, name,
     assert "spool" in meta["error"]["message"]
     authed_roundtrip(server)
     assert victim.read_text() == "not yours"
+
+
+def test_a_large_frame_is_released_when_its_connection_ends(own_server):
+    srv = own_server()
+    pid = srv.info()["pid"]
+    authed_roundtrip(srv)
+    before = rss_kb(pid)
+    s = connect(srv)
+    s.sendall(hello_bytes({"role": "client", "token": srv.token}))
+    meta = pickle.dumps({"op": "x"})
+    s.sendall(HEAD.pack(len(meta), 1) + struct.pack("<Q", 256 << 20) + meta)
+    chunk = b"\1" * (1 << 20)
+    for _ in range(160):  # 160 of the 256 MiB declared, then the peer goes away
+        s.sendall(chunk)
+    authed_roundtrip(srv)
+    assert rss_kb(pid) - before > 100 << 10, "the partial frame should be in memory now"
+    s.close()
+    wait_for(lambda: rss_kb(pid) - before < 32 << 10, what="the partial frame to be freed")
+
+
+def test_a_call_over_the_frame_limit_fails_before_sending(own_server, monkeypatch, name):
+    from conftest import use_server
+
+    from flash_jupyter import errors
+
+    srv = own_server(FLASH_JUPYTER_MAX_FRAME_BYTES=str(1 << 20))
+    use_server(srv, monkeypatch)
+    echo = Endpoint(name=name, cpu="cpu3c-1-2")(lambda s: len(s))
+    assert echo("x" * 1000) == 1000
+    with pytest.raises(errors.SerializationError, match="FLASH_JUPYTER_MAX_FRAME_BYTES"):
+        echo("x" * (2 << 20))
+    assert echo("y") == 1  # the connection is fine

@@ -17,7 +17,7 @@ from .. import credentials, shm, wire
 from ..config import EndpointConfig
 from . import model as m
 from .control import ControlPlane, NotFound
-from .frames import FrameProtocol
+from .frames import MAX_FRAME, FrameProtocol
 
 
 class Connection:
@@ -156,7 +156,8 @@ class Connection:
         if isinstance(writer, str) and writer.startswith("c-") and _plain_name(writer):
             self.writer = writer
             self.cp.writers[writer] = self
-        self.send({"op": "welcome", **self.info, "stamp": wire.stamp(), "time": time.time()})
+        self.send({"op": "welcome", **self.info, "stamp": wire.stamp(), "time": time.time(),
+                   "max_frame": MAX_FRAME})  # fmt: skip
 
     def _become_worker(self, meta: dict[str, Any]) -> None:
         wid, inc = meta.get("id"), meta.get("incarnation")
