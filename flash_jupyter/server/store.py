@@ -8,6 +8,19 @@ they keep each payload until its result arrives and resubmit whatever a restarte
 plane does not know (see client.py), which gives them the same guarantee for free.
 WAL with synchronous=NORMAL: durable against a crash of the process, which is the fault
 this store is for (power loss may drop the last transactions).
+
+The files stay bounded. A maintenance thread with its own connection checkpoints the WAL
+(passive, once a second). When the WAL passes ``WAL_LIMIT`` the thread catches up with
+passive checkpoints, then a RESTART checkpoint starts the WAL again from its beginning, even
+while the loop keeps writing; the loop's next commit cuts the file back to ``WAL_LIMIT``
+(journal_size_limit). In a quiet moment a TRUNCATE checkpoint takes it to zero bytes. Those
+checkpoints, and the incremental vacuum steps that give the pages of pruned jobs back to the
+file system, hold the write lock for a millisecond or two: a flush on the loop does not
+wait for it (busy timeout 0) but keeps its writes queued, and runs again when the thread is
+done. Past ``WAL_HOLD_FACTOR`` times the limit the loop holds its commits until the thread
+has caught up (``HOLD_MAX`` at most), so the bound holds whatever the rate of writes. At
+open, a WAL left by a killed process is checkpointed and truncated, and a database made
+without ``auto_vacuum=INCREMENTAL`` is converted once (VACUUM).
 """
 
 from __future__ import annotations
@@ -16,11 +29,25 @@ import json
 import pickle
 import sqlite3
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-CHECKPOINT_EVERY = 1.0  # seconds
+CHECKPOINT_EVERY = 1.0  # seconds between passive checkpoints
+CHECK_EVERY = 0.1  # seconds between looks at the WAL's size, commits and free pages
+WAL_LIMIT = 16 << 20  # bytes: a bigger WAL is started again, and its file cut back to this
+WAL_HOLD_FACTOR = 4  # past this many WAL_LIMITs the loop holds its commits for the thread
+HOLD_MAX = 1.0  # seconds: how long at most (a reader elsewhere may block the checkpoint)
+CATCH_UP_PASSES = 4  # passive checkpoints, at most, before the restarting one
+VACUUM_MIN_FREE = 256  # free pages (1 MiB at 4 KiB) that start an incremental vacuum
+VACUUM_STEP = 128  # pages per vacuum transaction: about a millisecond of write lock
+VACUUM_STEPS = 8  # vacuum transactions per look, CHECK_EVERY apart: about 40 MB/s
+VACUUM_PAUSE = 0.005  # seconds between two vacuum transactions: the loop commits meanwhile
+RETRY_DELAY = 0.001  # seconds before a flush that met the write lock tries again
+OPEN_BUSY_TIMEOUT = 5.0  # seconds: waiting for the write lock at open and close
+THREAD_BUSY_TIMEOUT = 0.1  # seconds: the maintenance thread's wait for the lock or readers
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS endpoints (
@@ -45,19 +72,57 @@ CREATE TABLE IF NOT EXISTS ledger (
 class Store:
     def __init__(self, path: Path):
         self.path = path
-        self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        # A checkpoint syncs the database file: milliseconds. It runs in a thread of its
-        # own (see _checkpointer), never inside a commit on the event loop.
-        self.db.execute("PRAGMA wal_autocheckpoint=0")
-        self.db.executescript(SCHEMA)
+        self.wal_path = Path(f"{path}-wal")
+        self.wal_limit = WAL_LIMIT
+        self.wal_hard_limit = WAL_HOLD_FACTOR * WAL_LIMIT
+        self.wal_resets = 0  # RESTART and TRUNCATE checkpoints of the maintenance thread
+        self.commits = 0
+        self._restarted = -1  # self.commits at the thread's last RESTART checkpoint
+        self.vacuumed_pages = 0
+        self.deferred_commits = 0  # flushes that met the write lock and tried again
+        self.held_commits = 0  # flushes held back while the WAL was over its hard limit
+        self._hold_since: float | None = None
+        self._thread_writing = False  # the maintenance thread holds, or is taking, the lock
+        self._in_commit = False  # the loop is in a transaction
+        self._waiting_loop: Any = None  # the loop of a flush waiting for the thread
+        self._closed = False
         self._stop = threading.Event()
-        threading.Thread(target=self._checkpointer, name="sqlite-checkpoint", daemon=True).start()
+        self._wake = threading.Event()
         self._ops: list[tuple[str, tuple]] = []
         self._after: list[Callable[[], None]] = []
         self._scheduled = False
         self._call_soon: Callable[[Callable[[], None]], Any] | None = None
+        db = self.db = sqlite3.connect(
+            str(path), isolation_level=None, check_same_thread=False, timeout=OPEN_BUSY_TIMEOUT
+        )
+        # auto_vacuum can only be chosen before the first table exists (or by a VACUUM).
+        fresh = db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone() is None
+        if fresh:
+            db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        # A checkpoint syncs the database file: milliseconds. It runs in a thread of its
+        # own (see _maintain), never inside a commit on the event loop.
+        db.execute("PRAGMA wal_autocheckpoint=0")
+        db.execute(f"PRAGMA journal_size_limit={int(self.wal_limit)}")
+        # A WAL left by a killed process: into the database, and cut to zero bytes.
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        if not fresh and db.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+            # Made before incremental vacuum: rewrite it once (0.3 s for 64 MB). Should that
+            # fail (it needs as much free disk again), go on without giving space back.
+            try:
+                db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+                db.execute("VACUUM")
+            except sqlite3.Error:
+                pass
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        self.incremental = db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
+        db.executescript(SCHEMA)
+        self.page_size = db.execute("PRAGMA page_size").fetchone()[0]
+        # From now on the loop never waits for the lock: see flush.
+        db.execute("PRAGMA busy_timeout=0")
+        self._thread = threading.Thread(target=self._maintain, name="sqlite-maintain", daemon=True)
+        self._thread.start()
 
     def bind_loop(self, call_soon: Callable[[Callable[[], None]], Any]) -> None:
         self._call_soon = call_soon
@@ -75,19 +140,81 @@ class Store:
 
     def flush(self) -> None:
         self._scheduled = False
-        ops, after = self._ops, self._after
-        self._ops, self._after = [], []
-        if ops:
-            self.db.execute("BEGIN")
+        self._waiting_loop = None
+        if self._closed:
+            return
+        while self._ops:
+            if self._thread_writing:
+                # A truncating checkpoint or a vacuum step (a few ms): the thread calls
+                # flush again when it is done. Not even trying keeps the loop from
+                # getting in the way of the checkpoint's wait for readers.
+                self.deferred_commits += 1
+            elif self._hold():
+                self.held_commits += 1
+            else:
+                ops, after = self._ops, self._after
+                self._ops, self._after = [], []
+                if self._commit(ops):
+                    self.commits += 1
+                    for cb in after:
+                        cb()
+                    return
+                # Someone else holds the write lock: keep the writes, in order, and try
+                # again shortly rather than wait on the loop.
+                self._ops, self._after = ops + self._ops, after + self._after
+                self.deferred_commits += 1
+            if self._retry_later():
+                return
+            time.sleep(RETRY_DELAY)  # no loop to return to: wait here
+
+    def _hold(self) -> bool:
+        """Whether to hold the commit back: the WAL is past its hard limit and the thread is
+        cutting it back. This bounds the WAL whatever the rate of writes; HOLD_MAX bounds
+        the wait should the checkpoint be unable to finish."""
+        size = _file_size(self.wal_path)
+        if size > self.wal_limit and not self._wake.is_set():
+            self._wake.set()  # the thread starts now, not at its next look
+        if size <= self.wal_hard_limit or self._stop.is_set():
+            self._hold_since = None
+            return False
+        now = time.monotonic()
+        if self._hold_since is None:
+            self._hold_since = now
+        return now - self._hold_since < HOLD_MAX
+
+    def _commit(self, ops: list[tuple[str, tuple]]) -> bool:
+        """Run ``ops`` in one transaction. False when the write lock was busy (nothing done)."""
+        db = self.db
+        self._in_commit = True
+        try:
+            db.execute("BEGIN")
             try:
                 for sql, args in ops:
-                    self.db.execute(sql, args)
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
+                    db.execute(sql, args)
+                db.execute("COMMIT")
+            except BaseException as e:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                if isinstance(e, sqlite3.OperationalError) and _busy(e):
+                    return False
                 raise
-        for cb in after:
-            cb()
+            return True
+        finally:
+            self._in_commit = False
+
+    def _retry_later(self) -> bool:
+        if self._call_soon is None:
+            return False
+        import asyncio
+
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        self._scheduled = True
+        self._waiting_loop = loop
+        loop.call_later(RETRY_DELAY, self.flush)
+        return True
 
     # -- endpoints
     def save_endpoint(self, name: str, config: dict, config_hash: str, handler: str | None,
@@ -209,17 +336,158 @@ class Store:
         ).fetchone()
         return {"seconds": s or 0, "cost": c or 0.0}
 
-    def _checkpointer(self) -> None:
-        db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
-        while not self._stop.wait(CHECKPOINT_EVERY):
+    # -- size
+    def sizes(self) -> dict[str, int]:
+        """What the database takes on disk, for /v1/info."""
+        return {
+            "db_bytes": _file_size(self.path),
+            "wal_bytes": _file_size(self.wal_path),
+            "page_size": self.page_size,
+            "free_pages": self.db.execute("PRAGMA freelist_count").fetchone()[0],
+            "incremental_vacuum": self.incremental,
+            "wal_limit_bytes": self.wal_limit,
+            "wal_resets": self.wal_resets,
+            "vacuumed_pages": self.vacuumed_pages,
+            "deferred_commits": self.deferred_commits,
+            "held_commits": self.held_commits,
+        }
+
+    # -- maintenance thread: checkpoints and incremental vacuum, on a connection of its own
+    def _maintain(self) -> None:
+        db = sqlite3.connect(
+            str(self.path), isolation_level=None, check_same_thread=False,
+            timeout=THREAD_BUSY_TIMEOUT,
+        )  # fmt: skip
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA wal_autocheckpoint=0")
+        db.execute(f"PRAGMA journal_size_limit={int(self.wal_limit)}")
+        last_checkpoint = time.monotonic()
+        commits = self.commits
+        vacuuming = False
+        while True:
+            self._wake.wait(CHECK_EVERY)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
             try:
-                db.execute("PRAGMA wal_checkpoint(PASSIVE)")
-            except sqlite3.Error:
+                wal = _file_size(self.wal_path)
+                idle, commits = self.commits == commits, self.commits
+                if wal > self.wal_limit:
+                    self._reset_wal(db)
+                    last_checkpoint = time.monotonic()
+                elif idle and wal:
+                    self._truncate_wal(db)
+                    last_checkpoint = time.monotonic()
+                elif time.monotonic() - last_checkpoint >= CHECKPOINT_EVERY:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    last_checkpoint = time.monotonic()
+                # Pages of deleted rows back to the file system, from VACUUM_MIN_FREE free
+                # pages down to none, a few at a time: each step is a transaction of about
+                # a millisecond. (executescript runs the pragma to its end; execute would
+                # free one page.)
+                free = db.execute("PRAGMA freelist_count").fetchone()[0]
+                vacuuming = self.incremental and free >= (1 if vacuuming else VACUUM_MIN_FREE)
+                for _ in range(VACUUM_STEPS if vacuuming else 0):
+                    with self._writing():
+                        db.executescript(f"PRAGMA incremental_vacuum({VACUUM_STEP})")
+                    left = db.execute("PRAGMA freelist_count").fetchone()[0]
+                    self.vacuumed_pages += max(0, free - left)
+                    if not left or left >= free:
+                        vacuuming = False  # done (or stuck: not again before MIN_FREE)
+                        break
+                    free = left
+                    if self._stop.wait(VACUUM_PAUSE):
+                        break
+            except Exception:  # never let the thread die: the next look tries again
                 pass
         db.close()
 
+    def _reset_wal(self, db: sqlite3.Connection) -> None:
+        """Under load: copy the WAL into the database so that it starts again from its
+        beginning, holding the write lock for a millisecond or two."""
+        if _file_size(self.wal_path) <= self.wal_hard_limit and self.commits == self._restarted:
+            return  # done already: the loop's next commit starts the WAL again
+        small = self.wal_limit // 8
+        for attempt in range(CATCH_UP_PASSES):
+            # The bulk, without blocking anyone: each pass copies what was written during
+            # the one before, until that is small (or the WAL outgrows us anyway).
+            before = _file_size(self.wal_path)
+            db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            copied = _file_size(self.wal_path)
+            if copied < before:
+                return  # caught up between two commits: the loop started the WAL again
+            if copied - before > small and attempt < CATCH_UP_PASSES - 1:
+                continue
+            # The rest under the write lock: the last frames and two syncs; the loop's
+            # commits wait meanwhile (the loop does not). A RESTART leaves the file as it
+            # is: the loop's next commit writes from the start of the file and cuts it back
+            # to the limit (journal_size_limit), which costs it the ftruncate of the
+            # overshoot only. Past the hard limit the loop is holding its commits: there a
+            # TRUNCATE cuts the file itself.
+            with self._writing():
+                tail = _file_size(self.wal_path) - copied
+                if tail < 0:
+                    return  # the loop started the WAL again (and cut the file back)
+                if tail > small and attempt < CATCH_UP_PASSES - 1:
+                    continue  # a big commit came in: copy it without holding the loop
+                truncate = _file_size(self.wal_path) > self.wal_hard_limit
+                mode = "TRUNCATE" if truncate else "RESTART"
+                busy = db.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()[0]
+            if not busy:
+                self.wal_resets += 1
+                self._restarted = self.commits
+            return
+
+    def _truncate_wal(self, db: sqlite3.Connection) -> None:
+        """In a quiet moment (no commit since the last look): the WAL down to zero bytes."""
+        commits = self.commits
+        db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()  # the copying and syncing
+        with self._writing():
+            if self.commits != commits:
+                return  # not so quiet after all
+            busy = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        self.wal_resets += not busy
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """The thread is about to write: the loop's flushes wait until it is done (without
+        trying, so they do not get in the way of the checkpoint's wait for readers)."""
+        self._thread_writing = True
+        try:
+            while self._in_commit:  # the loop's transaction under way ends first
+                time.sleep(0.0002)
+            yield
+        finally:
+            self._thread_writing = False
+            loop = self._waiting_loop
+            if loop is not None:
+                try:
+                    loop.call_soon_threadsafe(self.flush)
+                except RuntimeError:  # closed meanwhile
+                    pass
+
     def close(self) -> None:
-        self.flush()
         self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+        self.db.execute(f"PRAGMA busy_timeout={int(OPEN_BUSY_TIMEOUT * 1000)}")
+        self._call_soon = None  # commit here and now
+        self.flush()
+        self._closed = True
         self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self.db.close()
+
+
+def _busy(e: sqlite3.OperationalError) -> bool:
+    """SQLITE_BUSY, or one of its extended codes: the write lock is someone else's."""
+    code = getattr(e, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        return code & 0xFF == 5  # SQLITE_BUSY
+    return "database is locked" in str(e) or "busy" in str(e)
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
