@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -94,21 +95,21 @@ class EndpointConfig:
         if not isinstance(gpu_count, int) or isinstance(gpu_count, bool) or not 1 <= gpu_count <= 8:
             raise ConfigError(f"gpu_count must be an integer from 1 to 8, not {gpu_count!r}")
         wmin, wmax = _parse_workers(workers)
-        if isinstance(idle_timeout, bool) or not isinstance(idle_timeout, (int, float)):
-            raise ConfigError(f"idle_timeout must be a number of seconds, not {idle_timeout!r}")
-        if not 1 <= idle_timeout <= 3600:
+        idle = _finite(idle_timeout)
+        if idle is None:
             raise ConfigError(
-                f"idle_timeout must be between 1 and 3600 seconds, not {idle_timeout}"
+                f"idle_timeout must be a finite number of seconds, not {idle_timeout!r}"
             )
-        if execution_timeout is not None and (
-            isinstance(execution_timeout, bool)
-            or not isinstance(execution_timeout, (int, float))
-            or execution_timeout <= 0
-        ):
-            raise ConfigError(
-                f"execution_timeout must be a positive number of seconds or None, "
-                f"not {execution_timeout!r}"
-            )
+        if not 1 <= idle <= 3600:
+            raise ConfigError(f"idle_timeout must be between 1 and 3600 seconds, not {idle:g}")
+        exec_limit = None
+        if execution_timeout is not None:
+            exec_limit = _finite(execution_timeout)
+            if exec_limit is None or exec_limit <= 0:
+                raise ConfigError(
+                    f"execution_timeout must be a positive, finite number of seconds or None, "
+                    f"not {execution_timeout!r}"
+                )
         if (
             not isinstance(max_concurrency, int)
             or isinstance(max_concurrency, bool)
@@ -128,11 +129,11 @@ class EndpointConfig:
             gpu_count=gpu_count,
             workers_min=wmin,
             workers_max=wmax,
-            idle_timeout=float(idle_timeout),
+            idle_timeout=idle,
             dependencies=deps,
             system_dependencies=sysdeps,
             env=env,
-            execution_timeout=None if execution_timeout is None else float(execution_timeout),
+            execution_timeout=exec_limit,
             max_concurrency=max_concurrency,
         )
 
@@ -186,6 +187,19 @@ class EndpointConfig:
     def price_per_second(self) -> float:
         hw = self.hardware
         return hw.price_per_second * (self.gpu_count if hw.kind == "gpu" else 1)
+
+
+def _finite(v: Any) -> float | None:
+    """``v`` as a float if it is a real, finite number (not a bool, NaN, an infinity, or an
+    integer too large for a float); None otherwise. Every float setting goes through here, so
+    no path (decorator, HTTP PUT, wire deploy, scale) can store a value JSON cannot carry."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        f = float(v)
+    except OverflowError:
+        return None
+    return f if math.isfinite(f) else None
 
 
 def _parse_workers(workers: Any) -> tuple[int, int]:

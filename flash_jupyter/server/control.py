@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import pickle
+import sys
 import time
 import uuid
 from collections import deque
@@ -18,6 +20,8 @@ from typing import Any
 
 from .. import credentials, shm
 from ..config import EndpointConfig
+from ..errors import ConfigError
+from ..protocol import MAX_META
 from ..providers.base import Allocation, PlacementError, Provider, WorkerSpec
 from . import model as m
 from .events import EventBus
@@ -34,6 +38,7 @@ STOP_GRACE = 3.0  # seconds between SIGTERM and SIGKILL
 TICK = 0.1
 PREFETCH = 16  # extra jobs queued on a worker when jobs are tiny (see _pump)
 TINY_MS = 2.0
+INPUT_PARTS = ("input", "blobs", "fn_blobs")  # what a job holds only until it is over
 
 
 def backoff(crashes: int) -> float:
@@ -83,10 +88,18 @@ class ControlPlane(Views, SpoolKeeper):
         self._loop = asyncio.get_running_loop()
         self.store.bind_loop(self._loop.call_soon)
         for row in self.store.load_endpoints():
-            cfg = EndpointConfig.from_dict(row["config"])
+            cfg, dropped = _stored_config(row["config"])
             ep = m.EndpointState(cfg, row["handler"], row["created"], row["updated"])
             self.endpoints[cfg.name] = ep
             self._ensure_slots(ep)
+            if dropped:
+                # Written by a version that let NaN or Infinity through: repaired, not fatal.
+                note = (f"stored setting(s) {', '.join(dropped)} of endpoint {cfg.name!r} "
+                        f"were not finite numbers; reset to their defaults")  # fmt: skip
+                print(f"flash-jupyter: {note}", file=sys.stderr, flush=True)
+                self._log(ep, None, "system", note + "\n")
+                self.store.save_endpoint(cfg.name, cfg.to_dict(), cfg.config_hash, ep.handler,
+                                         ep.created, ep.updated)  # fmt: skip
         for ep in self.endpoints.values():
             tot = self.store.ledger_total(ep.name, ep.created)
             ep.billed_seconds, ep.billed_cost = int(tot["seconds"]), tot["cost"]
@@ -98,6 +111,7 @@ class ControlPlane(Views, SpoolKeeper):
             ep = self.endpoints.get(row["endpoint"])
             job = _job_from_row(row)
             if job.status in m.TERMINAL:
+                _forget_inputs(job)
                 self.jobs[job.id] = job
                 self._recent.append(job.id)
                 continue
@@ -278,9 +292,11 @@ class ControlPlane(Views, SpoolKeeper):
         if old is not None and old.status not in m.TERMINAL:
             raise ValueError(f"job id {jid!r} already exists")
         job = m.Job(jid, endpoint, kind, fn, body, owner=owner)
+        # The store serializes the job first: a body it cannot take raises here, before the
+        # job is anywhere (no queued id nobody was told of, no worker left holding it).
+        self.store.insert_job(job, after=on_commit)
         self.jobs[jid] = job
         ep.queue.append(jid)
-        self.store.insert_job(job, after=on_commit)
         self._publish_job(job)
         self.kick(endpoint)
         return job
@@ -370,6 +386,7 @@ class ControlPlane(Views, SpoolKeeper):
         else:
             self.store.update_job(job)
         self._drop_inputs(job)
+        _forget_inputs(job)  # after _drop_inputs, which reads them
         self._recent.append(job.id)
         while len(self._recent) > RECENT_JOBS:
             old = self.jobs.get(self._recent.popleft())
@@ -565,6 +582,26 @@ class ControlPlane(Views, SpoolKeeper):
         return None
 
     def _send_job(self, ep: m.EndpointState, w: m.Worker, job: m.Job) -> None:
+        """Hand a queued job to a ready worker. A job that cannot be sent fails, with the
+        reason, and leaves the worker as it was; it never stays IN_PROGRESS on a worker that
+        did not get it."""
+        try:
+            frame = self._run_frame(w, job)
+        except Exception as e:  # whatever it is, the job must end visibly
+            why = f"the job could not be sent to a worker: {type(e).__name__}: {e}"
+            self._finish(job, m.FAILED, error={"message": why, "type": "DispatchError"})
+            return
+        if frame is None:
+            return
+        meta, bufs, size = frame
+        if size > MAX_META:
+            why = (
+                f"the job is too large for a worker: its input takes {size} bytes in the run "
+                f"frame, over the limit of {MAX_META} bytes ({MAX_META >> 20} MiB) a worker "
+                f"accepts; pass large data another way (a file, a URL)"
+            )
+            self._finish(job, m.FAILED, error={"message": why, "type": "JobTooLarge"})
+            return
         now = time.time()
         job.status, job.started, job.worker_id = m.IN_PROGRESS, now, w.id
         job.incarnation = w.incarnation
@@ -576,6 +613,24 @@ class ControlPlane(Views, SpoolKeeper):
         w.jobs_run += 1
         w.jobs.add(job.id)
         self.last_activity = time.monotonic()
+        try:
+            w.conn.send(meta, bufs)
+        except Exception as e:
+            w.jobs_run -= 1
+            job.started = job.cold_start_ms = None  # it never ran: no cost, no delay
+            job.cold = False
+            why = f"the job could not be sent to worker {w.id}: {type(e).__name__}: {e}"
+            self._finish(job, m.FAILED, error={"message": why, "type": "DispatchError"})
+            return
+        if "fnrefs" in meta and job.fn is not None:
+            w.fns.add(job.fn)
+        # IN_PROGRESS is not written: after a crash a running job goes back to the queue
+        # anyway, so the row can say IN_QUEUE until the job ends (one commit per job saved).
+        self._publish_job(job)
+
+    def _run_frame(self, w: m.Worker, job: m.Job) -> tuple[dict[str, Any], list[Any], int] | None:
+        """The run frame of ``job`` for ``w``, and the size of the part a worker caps
+        (MAX_META): a JSON job's input travels inside it. None if the job failed already."""
         meta: dict[str, Any] = {"op": "run", "id": job.id, "kind": job.kind}
         bufs: list[Any] = []
         body = job.body
@@ -585,15 +640,18 @@ class ControlPlane(Views, SpoolKeeper):
                 f = self.get_function(job.fn)
                 if f is None:
                     self._finish(job, m.FAILED, error={"message": "function payload lost"})
-                    return
+                    return None
                 meta["fnc"] = f[0]
                 meta["fnrefs"] = shm.to_refs(f[1], bufs)
-                w.fns.add(job.fn)
         elif body.get("fn_blobs"):
             meta["fnc"] = body["fn_codec"]
             meta["fnrefs"] = shm.to_refs(body["fn_blobs"], bufs)
+        size = 0
         if job.kind == "json":
             meta["input"] = body.get("input")
+            # Measured as the wire encodes it (a second encoding, for JSON jobs only: their
+            # input is the one part of a run frame's metadata that can be large).
+            size = len(pickle.dumps(meta, protocol=5))
         else:
             meta["c"] = body.get("codec", "cloudpickle")
             meta["refs"] = shm.to_refs(body.get("blobs") or (), bufs)
@@ -602,10 +660,7 @@ class ControlPlane(Views, SpoolKeeper):
                 meta["paths"] = body["paths"]
             if body.get("noshm"):
                 meta["noshm"] = True
-        w.conn.send(meta, bufs)
-        # IN_PROGRESS is not written: after a crash a running job goes back to the queue
-        # anyway, so the row can say IN_QUEUE until the job ends (one commit per job saved).
-        self._publish_job(job)
+        return meta, bufs, size
 
     # ------------------------------------------------------------------ workers
     def _start_worker(self, ep: m.EndpointState, w: m.Worker) -> None:
@@ -937,6 +992,25 @@ class ControlPlane(Views, SpoolKeeper):
             ep = self.endpoints.get(w.endpoint)
             if ep is not None:
                 self.events.publish("worker", **self.worker_view(w, ep))
+
+
+def _forget_inputs(job: m.Job) -> None:
+    """A job that is over keeps its outcome, not its input: a finished job stays in memory
+    (RECENT_JOBS of them) and nothing reads its input again (retries happen before)."""
+    if job.body and any(k in job.body for k in INPUT_PARTS):
+        job.body = {k: v for k, v in job.body.items() if k not in INPUT_PARTS}
+
+
+def _stored_config(d: dict[str, Any]) -> tuple[EndpointConfig, list[str]]:
+    """An endpoint's stored settings, and which of them were dropped: NaN or infinite
+    numbers (an older version let them through) go back to their defaults."""
+    try:
+        return EndpointConfig.from_dict(d), []
+    except ConfigError:
+        bad = sorted(k for k, v in d.items() if isinstance(v, float) and not math.isfinite(v))
+        if not bad:
+            raise
+    return EndpointConfig.from_dict({k: v for k, v in d.items() if k not in bad}), bad
 
 
 def _job_from_row(row: dict[str, Any]) -> m.Job:

@@ -3,6 +3,11 @@
 Runpod's routes keep their paths and JSON shapes, with the endpoint's name as its id, so
 ``curl -H "Authorization: Bearer $TOKEN" -d '{"input": {...}}' $URL/v2/NAME/runsync`` works
 as it does against api.runpod.ai. Every route but ``GET /ping`` needs the bearer token.
+
+Requests are checked completely at the door, before anything is recorded (docs/rest-api.md,
+"Limits"): a body size per route, counted while the body streams in (413); JSON nesting
+depth; no NaN, Infinity or numbers that overflow a float (400). Responses never fail on a
+value stored earlier: non-finite floats are written as ``null``.
 """
 
 from __future__ import annotations
@@ -10,11 +15,16 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import math
+import os
+import sys
+from itertools import accumulate
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse as _StarletteJSONResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from .. import __version__
@@ -25,6 +35,16 @@ from . import model as m
 from .control import ControlPlane, NotFound
 
 RUNSYNC_WAIT = 90.0
+MAX_WAIT_MS = 3_600_000  # the longest ?wait= a runsync may ask for (one hour)
+
+# Request limits (docs/rest-api.md, "Limits"). Runpod's are 10 MB for /run and 20 MB for
+# /runsync; these are those in MiB, so whatever Runpod accepts is accepted here too.
+RUN_BODY_LIMIT = 10 * 1024 * 1024
+RUNSYNC_BODY_LIMIT = 20 * 1024 * 1024
+SETTINGS_BODY_LIMIT = 1024 * 1024  # PUT /v1/endpoints/{name}, POST .../scale
+MAX_BODY_ENV = "FLASH_JUPYTER_MAX_BODY_BYTES"  # one limit for /run and /runsync instead
+MAX_JSON_DEPTH = 64  # nesting of objects and arrays in a request body, the body itself is 1
+PARSE_IN_THREAD = 1 << 20  # bodies above this are parsed off the event loop
 
 
 class HTTPError(Exception):
@@ -32,6 +52,167 @@ class HTTPError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+def job_body_limits() -> tuple[int, int]:
+    """Body limits of /run and /runsync: Runpod's, or FLASH_JUPYTER_MAX_BODY_BYTES for both."""
+    raw = os.environ.get(MAX_BODY_ENV, "").strip()
+    if not raw:
+        return RUN_BODY_LIMIT, RUNSYNC_BODY_LIMIT
+    try:
+        n = int(raw)
+        if n <= 0:
+            raise ValueError
+    except ValueError:
+        print(f"flash-jupyter: ignoring {MAX_BODY_ENV}={raw!r}: not a positive number of bytes",
+              file=sys.stderr)  # fmt: skip
+        return RUN_BODY_LIMIT, RUNSYNC_BODY_LIMIT
+    return n, n
+
+
+def _size(n: int) -> str:
+    return f"{n} bytes ({n / 1048576:.3g} MiB)" if n >= 1048576 else f"{n} bytes"
+
+
+async def read_body(request: Request, limit: int, hint: str = "") -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed ``limit``:
+    by its Content-Length first, then by counting as it streams in (chunked or lying
+    clients), so no more than ``limit`` bytes are ever held."""
+
+    def too_large(size: str) -> HTTPError:
+        path = request.url.path
+        return HTTPError(
+            413, f"request body too large: {size}; {path} accepts at most {_size(limit)}{hint}"
+        )
+
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            n = int(declared)
+        except ValueError:
+            raise HTTPError(400, f"Content-Length is not a number: {declared!r}") from None
+        if n > limit:
+            raise too_large(_size(n))
+    chunks: list[bytes] = []
+    got = 0
+    async for chunk in request.stream():
+        got += len(chunk)
+        if got > limit:
+            raise too_large(f"more than {_size(limit)}")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class _NonFinite(ValueError):
+    pass
+
+
+def _no_constant(name: str) -> Any:
+    raise _NonFinite(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    f = float(text)
+    if not math.isfinite(f):
+        raise _NonFinite(f"the number {text[:40]} is out of range (it overflows to infinity)")
+    return f
+
+
+_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # as signed bytes: +1, -1
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
+
+
+def too_deep(text: str, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether the JSON document ``text`` nests objects and arrays more than ``limit`` deep.
+
+    Iterative and on the text, before parsing (json.loads and pickle recurse): strings are
+    cut out, only brackets are kept, and the deepest point is the largest running sum of
+    +1 per opening and -1 per closing bracket (computed in C by itertools.accumulate).
+    Malformed JSON gives some answer; json.loads then refuses it anyway.
+    """
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    s = text.replace("\\\\", "").replace('\\"', "")  # escapes: left no quote behind
+    s = "".join(s.split('"')[::2])  # outside strings only
+    b = s.encode("utf-8", "surrogatepass").translate(_STEPS, _NOT_BRACKETS)
+    if b"\x01" * (limit + 1) in b:
+        return True
+    return max(accumulate(memoryview(b).cast("b")), default=0) > limit
+
+
+def parse_json(raw: bytes) -> Any:
+    """A request body as JSON, validated: depth, NaN/Infinity, overflowing numbers."""
+    try:
+        text = raw.decode(json.detect_encoding(raw), "surrogatepass")
+    except (UnicodeDecodeError, LookupError) as e:
+        raise HTTPError(400, f"request body is not valid JSON: {e}") from None
+    if too_deep(text):
+        raise HTTPError(
+            400,
+            f"request body is nested too deeply: JSON objects and arrays may nest at most "
+            f"{MAX_JSON_DEPTH} levels (MAX_JSON_DEPTH)",
+        )
+    try:
+        return json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+    except _NonFinite as e:
+        raise HTTPError(
+            400, f"request body has a non-finite number: {e}; NaN and Infinity are not allowed"
+        ) from None
+    except RecursionError:
+        raise HTTPError(
+            400, f"request body is nested too deeply (more than {MAX_JSON_DEPTH} levels)"
+        ) from None
+    except ValueError as e:
+        raise HTTPError(400, f"request body is not valid JSON: {e}") from None
+
+
+def _finite_copy(value: Any) -> Any:
+    """A copy of ``value`` with every NaN or infinite float replaced by None (dict keys:
+    by "NaN", "Infinity" or "-Infinity"). Iterative: any depth json.dumps can write."""
+    root: list[Any] = [None]
+    stack: list[tuple[Any, Any, Any]] = [(value, root, 0)]
+    while stack:
+        v, into, key = stack.pop()
+        if isinstance(v, float):
+            into[key] = v if math.isfinite(v) else None
+        elif isinstance(v, dict):
+            new = {_finite_key(k): None for k in v}
+            into[key] = new
+            stack.extend((x, new, _finite_key(k)) for k, x in v.items())
+        elif isinstance(v, (list, tuple)):
+            new_list: list[Any] = [None] * len(v)
+            into[key] = new_list
+            stack.extend((x, new_list, i) for i, x in enumerate(v))
+        else:
+            into[key] = v
+    return root[0]
+
+
+def _finite_key(k: Any) -> Any:
+    if isinstance(k, float) and not math.isfinite(k):
+        return "NaN" if k != k else ("Infinity" if k > 0 else "-Infinity")
+    return k
+
+
+def render_json(
+    content: Any, default: Any = None, separators: tuple[str, str] = (",", ":")
+) -> bytes:
+    """JSON for a response, whatever was stored: non-finite floats (a handler may return
+    them) become null, and strings that are not valid Unicode are written escaped."""
+    kw = {"allow_nan": False, "separators": separators, "default": default}
+    try:
+        return json.dumps(content, ensure_ascii=False, **kw).encode()
+    except ValueError:  # a NaN or infinity (or a lone surrogate: UnicodeEncodeError)
+        pass
+    return json.dumps(_finite_copy(content), **kw).encode()
+
+
+SSE_SEPARATORS = (", ", ": ")  # events keep json.dumps's default spacing
+
+
+class JSONResponse(_StarletteJSONResponse):
+    def render(self, content: Any) -> bytes:
+        return render_json(content)
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -67,14 +248,40 @@ class BearerAuth:
 
 
 def build_app(cp: ControlPlane, token: str, info: dict[str, Any]) -> Any:
-    async def body_json(request: Request) -> Any:
-        raw = await request.body()
+    run_limit, runsync_limit = job_body_limits()
+    custom = (run_limit, runsync_limit) != (RUN_BODY_LIMIT, RUNSYNC_BODY_LIMIT)
+    limit_note = f" (set by {MAX_BODY_ENV})" if custom else ""
+
+    async def body_json(request: Request, limit: int = SETTINGS_BODY_LIMIT, hint: str = "") -> Any:
+        raw = await read_body(request, limit, hint)
         if not raw:
             return {}
+        if len(raw) > PARSE_IN_THREAD:
+            return await asyncio.to_thread(parse_json, raw)
+        return parse_json(raw)
+
+    def query_number(request: Request, name: str, default: float, hi: float | None) -> float:
+        """A query parameter, checked before anything is queued: a finite number from 0 to
+        ``hi`` (milliseconds), or with ``hi`` None a whole number, 0 or more; else 400."""
+        raw = request.query_params.get(name)
+        if raw is None:
+            return default
         try:
-            return json.loads(raw)
-        except ValueError as e:
-            raise HTTPError(400, f"request body is not valid JSON: {e}") from None
+            if hi is None:
+                n = int(raw)
+                if n >= 0:
+                    return n
+            else:
+                v = float(raw)
+                if math.isfinite(v) and 0 <= v <= hi:
+                    return v
+        except ValueError:
+            pass
+        if hi is None:
+            what = "a whole number, 0 or more"
+        else:
+            what = f"a number of milliseconds from 0 to {hi:.0f}"
+        raise HTTPError(400, f"{name} must be {what}, not {raw!r}")
 
     def guard(fn):
         async def wrapped(request: Request) -> Response:
@@ -103,7 +310,14 @@ def build_app(cp: ControlPlane, token: str, info: dict[str, Any]) -> Any:
         return JSONResponse({"status": "ok"})
 
     async def get_info(request: Request) -> Response:
-        return JSONResponse({**info, "version": __version__, "provider": cp.provider.describe()})
+        return JSONResponse(
+            {
+                **info,
+                "version": __version__,
+                "provider": cp.provider.describe(),
+                "storage": cp.store.sizes(),
+            }
+        )
 
     async def submit_committed(name: str, body: dict[str, Any]) -> m.Job:
         """Queue a job and return once it is on disk: an answered /run survives a crash."""
@@ -117,7 +331,8 @@ def build_app(cp: ControlPlane, token: str, info: dict[str, Any]) -> Any:
     async def run(request: Request) -> Response:
         name = request.path_params["name"]
         cp.endpoint(name)
-        job = await submit_committed(name, job_input(await body_json(request)))
+        body = await body_json(request, run_limit, limit_note)
+        job = await submit_committed(name, job_input(body))
         # As Runpod answers: accepted into the queue (it may have started since).
         return JSONResponse({"id": job.id, "status": m.IN_QUEUE})
 
@@ -125,11 +340,10 @@ def build_app(cp: ControlPlane, token: str, info: dict[str, Any]) -> Any:
     async def runsync(request: Request) -> Response:
         name = request.path_params["name"]
         cp.endpoint(name)
-        try:
-            wait = float(request.query_params.get("wait", RUNSYNC_WAIT * 1000)) / 1000
-        except ValueError:
-            raise HTTPError(400, "wait must be a number of milliseconds") from None
-        job = await submit_committed(name, job_input(await body_json(request)))
+        wait_ms = query_number(request, "wait", RUNSYNC_WAIT * 1000, MAX_WAIT_MS)
+        body = await body_json(request, runsync_limit, limit_note)
+        job = await submit_committed(name, job_input(body))
+        wait = wait_ms / 1000
         if job.status not in m.TERMINAL:
             fut = asyncio.get_running_loop().create_future()
             job.waiters.append(fut)
@@ -201,13 +415,13 @@ def build_app(cp: ControlPlane, token: str, info: dict[str, Any]) -> Any:
     @guard
     async def logs(request: Request) -> Response:
         ep = cp.endpoint(request.path_params["name"])
-        tail = int(request.query_params.get("tail", 200))
+        tail = int(query_number(request, "tail", 200, None))
         return JSONResponse(list(ep.logs)[-tail:] if tail > 0 else [])
 
     @guard
     async def list_jobs(request: Request) -> Response:
         name = request.query_params.get("endpoint")
-        limit = max(0, int(request.query_params.get("limit", 100)))
+        limit = int(query_number(request, "limit", 100, None))
         jobs = [j for j in cp.jobs.values() if name is None or j.endpoint == name]
         return JSONResponse(
             [{"endpoint": j.endpoint, **cp.status_payload(j)} for j in jobs[len(jobs) - limit :]]
@@ -224,11 +438,12 @@ def build_app(cp: ControlPlane, token: str, info: dict[str, Any]) -> Any:
             try:
                 snap = {"type": "snapshot", "endpoints": [cp.endpoint_view(e) for e in
                                                           cp.endpoints.values()]}  # fmt: skip
-                yield f"data: {json.dumps(snap)}\n\n"
+                yield b"data: " + render_json(snap, separators=SSE_SEPARATORS) + b"\n\n"
                 while True:
                     try:
                         ev = await asyncio.wait_for(q.get(), timeout=15)
-                        yield f"data: {json.dumps(ev, default=str)}\n\n"
+                        data = render_json(ev, default=str, separators=SSE_SEPARATORS)
+                        yield b"data: " + data + b"\n\n"
                     except asyncio.TimeoutError:
                         yield ": keep-alive\n\n"
             finally:
