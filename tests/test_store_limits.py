@@ -230,3 +230,21 @@ def test_info_reports_storage_sizes(own_server):
     assert storage["db_bytes"] > 0
     for key in ("wal_bytes", "free_pages", "page_size", "wal_limit_bytes"):
         assert isinstance(storage[key], int) and storage[key] >= 0, key
+
+
+def test_a_failing_write_does_not_take_its_batch_down(tmp_path):
+    # One statement the database refuses, in a batch with good ones: the good ones commit
+    # and every callback runs (an HTTP /run waiting on its commit is never left hanging).
+    store = Store(tmp_path / "flash.db")
+    called = []
+    try:
+        add = "INSERT INTO ledger VALUES (?,?,?,?,?,?,?,?)"
+        store.write(add, ("w-1", "ep", "cpu", 0, 1.0, 2.0, 1, 0.1), after=lambda: called.append(1))
+        store.write("INSERT INTO no_such_table VALUES (1)", after=lambda: called.append(2))
+        store.write(add, ("w-2", "ep", "cpu", 0, 1.0, 2.0, 1, 0.1), after=lambda: called.append(3))
+        store.flush()
+        assert called == [1, 2, 3]
+        rows = store.db.execute("SELECT worker_id FROM ledger ORDER BY worker_id").fetchall()
+        assert rows == [("w-1",), ("w-2",)]
+    finally:
+        store.close()

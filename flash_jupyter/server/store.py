@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import pickle
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -154,7 +155,12 @@ class Store:
             else:
                 ops, after = self._ops, self._after
                 self._ops, self._after = [], []
-                if self._commit(ops):
+                try:
+                    done = self._commit(ops)
+                except Exception as e:
+                    self._salvage(ops, e)
+                    done = True
+                if done:
                     self.commits += 1
                     for cb in after:
                         cb()
@@ -201,6 +207,23 @@ class Store:
             return True
         finally:
             self._in_commit = False
+
+    def _salvage(self, ops: list[tuple[str, tuple]], error: Exception) -> None:
+        """A batch failed as a whole (not for the lock): commit its writes one by one, so
+        one bad write does not take the others down, and say which failed. The batch's
+        callbacks still run: whoever waits on them is never left hanging."""
+        print(f"flash-jupyter: a database write failed ({error!r}); retrying one by one",
+              file=sys.stderr, flush=True)  # fmt: skip
+        for sql, args in ops:
+            for _ in range(1000):  # the lock may be busy meanwhile: a second at most
+                try:
+                    if self._commit([(sql, args)]):
+                        break
+                except Exception as e:
+                    print(f"flash-jupyter: dropped a database write: {sql.split('(')[0]!r}: "
+                          f"{e!r}", file=sys.stderr, flush=True)  # fmt: skip
+                    break
+                time.sleep(RETRY_DELAY)
 
     def _retry_later(self) -> bool:
         if self._call_soon is None:
