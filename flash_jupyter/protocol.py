@@ -54,6 +54,9 @@ class _PlainUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError("frame metadata must be plain data")
 
 
+_NESTED = (dict, list, tuple, set, frozenset)  # all the containers the plain unpickler makes
+
+
 def decode_meta(m: bytes | memoryview, hello: bool = False) -> dict[str, Any]:
     """A frame's metadata: JSON for the hello, plain-data pickle after it.
 
@@ -72,17 +75,18 @@ def decode_meta(m: bytes | memoryview, hello: bool = False) -> dict[str, Any]:
 
 
 def check_depth(obj: Any, limit: int) -> None:
-    """Raise ValueError if containers nest deeper than ``limit`` (iterative: no recursion)."""
-    stack = [(obj, 1)]
-    while stack:
-        o, d = stack.pop()
-        if isinstance(o, dict):
-            o = o.values()
-        elif not isinstance(o, (list, tuple)):
-            continue
-        if d > limit:
+    """Raise ValueError if containers nest deeper than ``limit`` (level by level: no
+    recursion, and no per-item bookkeeping beyond a list of the next level's containers)."""
+    level = [obj]
+    depth = 0
+    while level:
+        depth += 1
+        if depth > limit:
             raise ValueError(f"frame metadata nests deeper than {limit} levels")
-        stack.extend((x, d + 1) for x in o if isinstance(x, (dict, list, tuple)))
+        deeper: list[Any] = []
+        for o in level:
+            deeper += [x for x in (o.values() if type(o) is dict else o) if type(x) in _NESTED]
+        level = deeper
 
 
 def sendmsg_all(sock: socket.socket, parts: list[Any]) -> None:

@@ -997,8 +997,11 @@ class ControlPlane(Views, SpoolKeeper):
 def _forget_inputs(job: m.Job) -> None:
     """A job that is over keeps its outcome, not its input: a finished job stays in memory
     (RECENT_JOBS of them) and nothing reads its input again (retries happen before)."""
-    if job.body and any(k in job.body for k in INPUT_PARTS):
-        job.body = {k: v for k, v in job.body.items() if k not in INPUT_PARTS}
+    body = job.body
+    if body:
+        for k in INPUT_PARTS:
+            if k in body:
+                del body[k]
 
 
 def _stored_config(d: dict[str, Any]) -> tuple[EndpointConfig, list[str]]:

@@ -40,6 +40,7 @@ CHECKPOINT_EVERY = 1.0  # seconds between passive checkpoints
 CHECK_EVERY = 0.1  # seconds between looks at the WAL's size, commits and free pages
 WAL_LIMIT = 16 << 20  # bytes: a bigger WAL is started again, and its file cut back to this
 WAL_HOLD_FACTOR = 4  # past this many WAL_LIMITs the loop holds its commits for the thread
+HOLD_LOOK_EVERY = 8  # commits between two looks at the WAL's size from the loop
 HOLD_MAX = 1.0  # seconds: how long at most (a reader elsewhere may block the checkpoint)
 CATCH_UP_PASSES = 4  # passive checkpoints, at most, before the restarting one
 VACUUM_MIN_FREE = 256  # free pages (1 MiB at 4 KiB) that start an incremental vacuum
@@ -83,6 +84,7 @@ class Store:
         self.deferred_commits = 0  # flushes that met the write lock and tried again
         self.held_commits = 0  # flushes held back while the WAL was over its hard limit
         self._hold_since: float | None = None
+        self._since_look = 0  # flushes since _hold last looked at the WAL's size
         self._thread_writing = False  # the maintenance thread holds, or is taking, the lock
         self._in_commit = False  # the loop is in a transaction
         self._waiting_loop: Any = None  # the loop of a flush waiting for the thread
@@ -177,6 +179,12 @@ class Store:
         """Whether to hold the commit back: the WAL is past its hard limit and the thread is
         cutting it back. This bounds the WAL whatever the rate of writes; HOLD_MAX bounds
         the wait should the checkpoint be unable to finish."""
+        # The size costs a system call: look every HOLD_LOOK_EVERY commits (a few hundred
+        # KB of WAL at most in between), and at every try while holding.
+        self._since_look += 1
+        if self._hold_since is None and self._since_look < HOLD_LOOK_EVERY:
+            return False
+        self._since_look = 0
         size = _file_size(self.wal_path)
         if size > self.wal_limit and not self._wake.is_set():
             self._wake.set()  # the thread starts now, not at its next look
