@@ -299,3 +299,23 @@ def test_a_call_over_the_frame_limit_fails_before_sending(own_server, monkeypatc
     with pytest.raises(errors.SerializationError, match="FLASH_JUPYTER_MAX_FRAME_BYTES"):
         echo("x" * (2 << 20))
     assert echo("y") == 1  # the connection is fine
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"affinity": "w"}, {"affinity": {"worker": 1}}, {"id": ["x"]}, {"paths": "/"}],
+    ids=["affinity-str", "affinity-shape", "id-list", "paths-str"],
+)
+def test_a_malformed_submit_is_refused_and_the_endpoint_serves_on(client, server, name, bad):
+    f = Endpoint(name=name, cpu="cpu3c-1-2")(lambda x: x * 2)
+    f.deploy()
+    c = protocol.SyncConnection.open("127.0.0.1", server.wire_port)
+    try:
+        c.send({"role": "client", "token": server.token}, hello=True)
+        c.recv()
+        c.send({"op": "submit", "id": "j-" + name, "ep": name, "refs": [], **bad, "rid": 7})
+        meta, _ = c.recv()
+    finally:
+        c.close()
+    assert meta.get("ok") is False or meta.get("status") == "FAILED", meta
+    assert f(21) == 42

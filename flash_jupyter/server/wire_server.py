@@ -227,6 +227,7 @@ class Connection:
         self._reply(meta, self.cp.deploy(cfg, handler))
 
     def op_submit(self, meta: dict[str, Any], bufs: list[bytearray]) -> None:
+        _check_submit(meta)
         fn = meta.get("fn")
         blobs = self.own_refs(meta["refs"], bufs, self.writer)
         body: dict[str, Any] = {"codec": meta.get("c", "cloudpickle"), "stamp": meta.get("stamp"),
@@ -286,3 +287,27 @@ class Connection:
 def _plain_name(name: str) -> bool:
     """A single path component made by this project (no separators, not . or ..)."""
     return bool(name) and name not in (".", "..") and "/" not in name and "\0" not in name
+
+
+def _check_submit(meta: dict[str, Any]) -> None:
+    """A submit's fields have the shapes the control plane relies on later (a bad one would
+    otherwise fail deep in scheduling, for every job of the endpoint)."""
+    jid, ep, fn = meta.get("id"), meta.get("ep"), meta.get("fn")
+    if not (isinstance(jid, str) and 0 < len(jid) <= 128):
+        raise ValueError("a job id is a string of 1 to 128 characters")
+    if not isinstance(ep, str) or not (fn is None or isinstance(fn, str)):
+        raise ValueError("endpoint and function hash are strings")
+    if not isinstance(meta.get("c", ""), str) or not isinstance(meta.get("fnc", ""), str):
+        raise ValueError("codecs are strings")
+    paths = meta.get("paths")
+    if paths and not (isinstance(paths, (list, tuple)) and all(isinstance(p, str) for p in paths)):
+        raise ValueError("paths is a list of strings")
+    aff = meta.get("affinity")
+    if aff and not (
+        isinstance(aff, dict)
+        and isinstance(aff.get("worker"), str)
+        and type(aff.get("incarnation")) is int
+        and isinstance(aff.get("names", []), list)
+        and all(isinstance(n, str) for n in aff.get("names", []))
+    ):
+        raise ValueError("affinity is {worker: str, incarnation: int, strict: bool, names: [str]}")
