@@ -65,7 +65,7 @@ def runtime_file(data_dir: Path | None = None) -> Path:
     return (data_dir or home()) / "runtime.json"
 
 
-def _write_private_json(path: Path, info: dict[str, Any]) -> Path:
+def write_private_json(path: Path, info: dict[str, Any]) -> Path:
     """Write a JSON file atomically, readable by the user alone.
 
     The folder may be reachable by other users (an existing ``FLASH_JUPYTER_HOME`` is left
@@ -90,7 +90,7 @@ def _write_private_json(path: Path, info: dict[str, Any]) -> Path:
 
 def write_runtime(info: dict[str, Any], data_dir: Path) -> Path:
     """Write the runtime file atomically, readable by the user alone."""
-    return _write_private_json(runtime_file(data_dir), info)
+    return write_private_json(runtime_file(data_dir), info)
 
 
 def read_runtime(data_dir: Path | None = None) -> dict[str, Any] | None:
@@ -120,7 +120,7 @@ def update_settings(data_dir: Path, **values: Any) -> dict[str, Any]:
     saved = read_settings(data_dir)
     merged = {**saved, **values}
     if merged != saved or not settings_file(data_dir).exists():
-        _write_private_json(settings_file(data_dir), merged)
+        write_private_json(settings_file(data_dir), merged)
     return merged
 
 

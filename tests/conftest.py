@@ -156,3 +156,40 @@ def wait_for(pred, timeout: float = 15, interval: float = 0.05, what: str = "con
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(interval)
+
+
+# ---------------------------------------------------------------- the HTTP API
+
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
+
+
+@pytest.fixture
+def api(server: Server, name: str) -> Iterator[httpx.Client]:
+    """An authorized HTTP client on the session control plane; deletes ``name`` afterwards."""
+    with server.http() as h:
+        yield h
+        h.delete(f"/v1/endpoints/{name}")
+
+
+@pytest.fixture
+def echo(client: fj_client.Client, name: str) -> str:
+    """A deployed endpoint ``name`` whose handler returns its keyword arguments."""
+    from flash_jupyter import Endpoint
+
+    @Endpoint(name=name, workers=(0, 1), idle_timeout=5)
+    def echo(**kw):
+        return kw
+
+    echo.deploy()
+    return name
+
+
+def poll(api: httpx.Client, name: str, jid: str, timeout: float = 60) -> dict:
+    """GET /status until the job is terminal; the last payload."""
+
+    def done():
+        r = api.get(f"/v2/{name}/status/{jid}")
+        assert r.status_code == 200, r.text
+        return r.json() if r.json()["status"] in TERMINAL else None
+
+    return wait_for(done, timeout=timeout, what=f"job {jid} to finish")

@@ -16,34 +16,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import wait_for
+from conftest import poll, wait_for
 
 from flash_jupyter import Endpoint
 from flash_jupyter.server import http_app
 
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
-
-
 # ---------------------------------------------------------------- helpers
-
-
-@pytest.fixture
-def api(server, name):
-    """An authorized HTTP client on the session control plane; deletes ``name`` afterwards."""
-    with server.http() as h:
-        yield h
-        h.delete(f"/v1/endpoints/{name}")
-
-
-def poll(api: httpx.Client, name: str, jid: str, timeout: float = 30) -> dict:
-    """GET /status until the job is terminal; the last payload."""
-
-    def done():
-        r = api.get(f"/v2/{name}/status/{jid}")
-        assert r.status_code == 200, r.text
-        return r.json() if r.json()["status"] in TERMINAL else None
-
-    return wait_for(done, timeout=timeout, what=f"job {jid} to finish")
 
 
 def status_of(api: httpx.Client, name: str, jid: str) -> dict:
@@ -421,16 +399,6 @@ def test_every_route_but_ping_needs_the_token(server):
 
 
 # ---------------------------------------------------------------- bad requests
-
-
-@pytest.fixture
-def echo(client, name):
-    @Endpoint(name=name, workers=(0, 1), idle_timeout=5)
-    def echo(**kw):
-        return kw
-
-    echo.deploy()
-    return name
 
 
 def v2_post_routes() -> list[str]:

@@ -21,13 +21,12 @@ import threading
 import httpx
 import psutil
 import pytest
-from conftest import Server, free_port, use_server, wait_for
+from conftest import Server, free_port, poll, use_server, wait_for
 
 from flash_jupyter import Endpoint
 from flash_jupyter.config import EndpointConfig
 from flash_jupyter.errors import ConfigError
 
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
 MiB = 1024 * 1024
 DEPTH = 64  # the documented nesting limit of a request body (http_app.MAX_JSON_DEPTH)
 RUN_LIMIT, RUNSYNC_LIMIT = 10 * MiB, 20 * MiB  # documented defaults (Runpod's, in MiB)
@@ -35,32 +34,6 @@ MAX_META = 64 * MiB  # a worker's cap on a frame's metadata (protocol.MAX_META)
 
 
 # ---------------------------------------------------------------- helpers
-
-
-@pytest.fixture
-def api(server, name):
-    with server.http() as h:
-        yield h
-        h.delete(f"/v1/endpoints/{name}")
-
-
-@pytest.fixture
-def echo(client, name):
-    @Endpoint(name=name, workers=(0, 1), idle_timeout=5)
-    def echo(**kw):
-        return kw
-
-    echo.deploy()
-    return name
-
-
-def poll(api: httpx.Client, name: str, jid: str, timeout: float = 60) -> dict:
-    def done():
-        r = api.get(f"/v2/{name}/status/{jid}")
-        assert r.status_code == 200, r.text
-        return r.json() if r.json()["status"] in TERMINAL else None
-
-    return wait_for(done, timeout=timeout, what=f"job {jid} to finish")
 
 
 def jobs_of(api: httpx.Client, name: str) -> list[dict]:

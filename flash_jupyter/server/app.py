@@ -114,7 +114,7 @@ async def run_server(
     runtime = {**info, "token": token}
     paths.write_runtime(runtime, data_dir)
     if ready_file is not None:
-        _write_private(ready_file, runtime)
+        paths.write_private_json(ready_file, runtime)
 
     async def start_http() -> Any:
         uvicorn, build_app = await http_future
@@ -172,16 +172,6 @@ def _remove_runtime(data_dir: Path) -> None:
             paths.runtime_file(data_dir).unlink()
         except OSError:
             pass
-
-
-def _write_private(path: Path, data: dict[str, Any]) -> None:
-    import json
-
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
 
 
 def _alive(pid: int) -> bool:
