@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 _EXPORTS = {
     "EndpointConfig": "config",
     "Endpoint": "endpoint",
-    "Job": "endpoint",
+    "Job": "job",
     "RemoteClass": "endpoint",
     "RemoteFunction": "endpoint",
     "AuthError": "errors",
@@ -40,7 +40,7 @@ _EXPORTS = {
 
 if TYPE_CHECKING:
     from .config import EndpointConfig
-    from .endpoint import Endpoint, Job, RemoteClass, RemoteFunction
+    from .endpoint import Endpoint, RemoteClass, RemoteFunction
     from .errors import (
         AuthError,
         ConfigError,
@@ -54,6 +54,7 @@ if TYPE_CHECKING:
         SerializationError,
         VersionMismatch,
     )
+    from .job import Job
 
 
 def __getattr__(name: str):

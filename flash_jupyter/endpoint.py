@@ -17,10 +17,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import queue
 import sys
 import sysconfig
-import time
 import types
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -28,11 +26,11 @@ from typing import Any
 import cloudpickle
 
 from . import errors, wire
-from .client import Client, JobState, get_client
+from .client import Client, get_client
 from .config import EndpointConfig
+from .job import Job
 
 _CO_COROUTINE = 0x80  # inspect.CO_COROUTINE, without importing inspect
-_TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
 _by_value_done: set[str] = set()
 
 
@@ -65,126 +63,6 @@ def _ship_module_by_value(obj: Any) -> None:
         cloudpickle.register_pickle_by_value(mod)
     except (ValueError, TypeError):
         pass
-
-
-class Job:
-    """A handle on one remote call."""
-
-    def __init__(self, state: JobState, client: Client, where: str):
-        self._state = state
-        self._client = client
-        self._where = where
-        self.id = state.id
-        self.endpoint = state.endpoint
-
-    def __repr__(self) -> str:
-        return f"<Job {self.id[:8]} on {self.endpoint}: {self.status()}>"
-
-    def done(self) -> bool:
-        return self._state.done.is_set()
-
-    def info(self) -> dict[str, Any]:
-        """Status and timings (delayTime, executionTime ms; cold; coldStartTime; cost)."""
-        if self._state.outcome is not None:
-            hidden = ("blobs", "refs", "op", "c")
-            return {k: v for k, v in self._state.outcome.items() if k not in hidden}
-        try:
-            return self._client.job_status(self.id)
-        except errors.ControlPlaneError as e:
-            return {"id": self.id, "status": "UNKNOWN", "error": str(e)}
-
-    def status(self) -> str:
-        return self.info()["status"]
-
-    def cancel(self) -> None:
-        if not self.done():
-            self._client.cancel(self.id)
-
-    def _wait(self, timeout: float | None) -> dict[str, Any]:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        ev = self._state.events
-        while True:
-            left = 0.2 if deadline is None else min(0.2, deadline - time.monotonic())
-            try:
-                # Short slices: a pending interrupt is handled within 0.2 s.
-                kind, data = ev.get(timeout=max(0.0, left))
-            except queue.Empty:
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise TimeoutError(f"job {self.id} not done after {timeout:g} s") from None
-                continue
-            if kind != "done":
-                _emit(kind, data)
-            else:
-                # Leave the outcome for another waiter, should there be one.
-                ev.put(("done", data))
-                return data
-
-    def result(self, timeout: float | None = None) -> Any:
-        """Wait for the job, streaming its output here, and return its value (or raise).
-
-        Interrupting the wait (Ctrl-C, a notebook's stop button) cancels the remote job.
-        """
-        __tracebackhide__ = True
-        try:
-            outcome = self._wait(timeout)
-        except KeyboardInterrupt:
-            self.cancel()
-            raise
-        return _decode(outcome, self._where)
-
-
-def _emit(kind: str, data: Any) -> None:
-    """Show one piece of a job's output here: a stream chunk or a rich display."""
-    if kind == "out":
-        stream, text = data
-        out = sys.stderr if stream == "stderr" else sys.stdout
-        out.write(text)
-        out.flush()
-    elif kind == "display":
-        _show(*data)
-
-
-def _show(
-    data: dict[str, Any], metadata: dict[str, Any], extra: dict[str, Any] | None = None
-) -> None:
-    """Rich output from the worker: into this cell when a kernel runs us, else as text.
-    ``extra``: transient (display_id), update (replace that output), clear (clear_output)."""
-    extra = extra or {}
-    ip = sys.modules.get("IPython")
-    shell = ip.get_ipython() if ip is not None else None
-    if shell is not None and hasattr(shell, "display_pub"):
-        from IPython.display import clear_output, publish_display_data
-
-        sys.stdout.flush()
-        if "clear" in extra:
-            clear_output(wait=bool(extra["clear"]))
-            return
-        publish_display_data(data=data, metadata=metadata, transient=extra.get("transient"),
-                             update=bool(extra.get("update")))  # fmt: skip
-    elif data:
-        sys.stdout.write(str(data.get("text/plain", "")) + "\n")
-
-
-def _decode(outcome: dict[str, Any], where: str) -> Any:
-    __tracebackhide__ = True  # IPython shows the remote frames, not this one
-    status = outcome.get("status")
-    if status == "COMPLETED":
-        blobs = outcome["blobs"]
-        return wire.loads(blobs[0], blobs[1:], outcome.get("c", "cloudpickle"))
-    err = outcome.get("error") or {}
-    jid = outcome.get("id", "?")
-    worker = outcome.get("workerId")
-    here = f"{where}, worker {worker}" if worker else where
-    if outcome.get("hardware"):
-        here += f" ({outcome['hardware']})"
-    if status == "FAILED" and "traceback" in err:
-        raise wire.rebuild_exception(err, here)
-    reason = err.get("message", "no reason given") if isinstance(err, dict) else str(err)
-    if status == "CANCELLED":
-        raise errors.JobCancelled(jid, status, reason)
-    if status == "TIMED_OUT":
-        raise errors.JobTimedOut(jid, status, reason)
-    raise errors.JobFailed(jid, status or "FAILED", reason)
 
 
 class _Remote:
@@ -301,33 +179,7 @@ class RemoteAsyncFunction(RemoteFunction):
 
         loop = asyncio.get_running_loop()
         job = await loop.run_in_executor(None, lambda: self.submit(*args, **kwargs))
-        fut = loop.create_future()
-
-        def sink(stream: str, text: str) -> None:
-            out = sys.stderr if stream == "stderr" else sys.stdout
-            loop.call_soon_threadsafe(out.write, text)
-
-        def done(_: JobState) -> None:
-            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(None))
-
-        job._state.sink = sink
-        job._state.callbacks.append(done)
-        # Output that arrived before the sink was set waits in the queue; so may the outcome.
-        while not job._state.events.empty():
-            kind, data = job._state.events.get()
-            if kind == "out":
-                sink(*data)
-            else:
-                job._state.events.put((kind, data))
-                break
-        if job._state.done.is_set():
-            fut.set_result(None)
-        try:
-            await fut
-        except asyncio.CancelledError:
-            job.cancel()
-            raise
-        return _decode(job._state.outcome, job._where)
+        return await job.result_async()
 
 
 class RemoteClass(_Remote):
