@@ -38,9 +38,6 @@ def test_billed_per_second_rounded_up_and_kept_across_restart(own_server, monkey
 
     @Endpoint(name=gpu_name, gpu="A100", gpu_count=2, idle_timeout=1)
     def work(x):
-        import time
-
-        time.sleep(0.3)
         return x + 1
 
     @Endpoint(name=cpu_name, cpu="cpu3c-1-2", idle_timeout=1)
@@ -52,7 +49,7 @@ def test_billed_per_second_rounded_up_and_kept_across_restart(own_server, monkey
     assert job.result(timeout=30) == 2
     assert light(4) == 8
     info = job.info()
-    assert info["cost"] > 0
+    assert info["cost"] > 0  # its run and the cold start it waited for (test_scheduler: exact)
     wait_for(lambda: all_idle(client, gpu_name) and all_idle(client, cpu_name), timeout=15,
              what="workers stopped")  # fmt: skip
     wall = time.monotonic() - t0

@@ -110,40 +110,53 @@ def _restart(server) -> None:
 def test_control_plane_crash_loses_no_accepted_job(own_server, monkeypatch, tmp_path):
     server = own_server()
     client = use_server(server, monkeypatch)
-    out = tmp_path / "done"
+    out, gate = tmp_path / "done", tmp_path / "gate"
 
     @Endpoint(name="restartable", workers=(0, 1), idle_timeout=5)
     def step(i):
+        import os
         import time
 
-        time.sleep(0.3)
+        deadline = time.monotonic() + 60  # until the test opens the gate
+        while not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.01)
         with open(out, "a") as f:
             f.write(f"{i}\n")
         return i * 10
 
     jobs = [step.submit(i) for i in range(6)]
-    wait_for(lambda: client.health("restartable")["jobs"]["inQueue"] >= 3, what="queue")
+    # One job holds the worker at the gate; the others wait in the queue.
+    wait_for(lambda: client.health("restartable")["jobs"]["inQueue"] == 5, what="queue")
     _restart(server)
+    gate.touch()
     assert [j.result(timeout=60) for j in jobs] == [i * 10 for i in range(6)]
     assert sorted(set(map(int, out.read_text().split()))) == list(range(6))
 
 
-def test_rest_jobs_survive_a_restart(own_server, monkeypatch):
+def test_rest_jobs_survive_a_restart(own_server, monkeypatch, tmp_path):
     server = own_server()
     use_server(server, monkeypatch)
+    gate = str(tmp_path / "gate")
 
     @Endpoint(name="rest-restart", workers=(0, 1), idle_timeout=5)
-    def mul(a, b):
+    def mul(a, b, gate):
+        import os
         import time
 
-        time.sleep(0.3)
+        deadline = time.monotonic() + 60  # until the test opens the gate
+        while not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.01)
         return a * b
 
     mul.deploy()
     with server.http() as h:
-        ids = [h.post("/v2/rest-restart/run", json={"input": {"a": i, "b": 2}}).json()["id"]
+        ids = [h.post("/v2/rest-restart/run",
+                      json={"input": {"a": i, "b": 2, "gate": gate}}).json()["id"]
                for i in range(5)]  # fmt: skip
+        assert all(h.get(f"/v2/rest-restart/status/{i}").json()["status"] != "COMPLETED"
+                   for i in ids)  # fmt: skip
     _restart(server)
+    open(gate, "w").close()
     with server.http() as h:
 
         def all_done():

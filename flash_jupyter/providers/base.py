@@ -3,6 +3,10 @@
 A provider places workers (resources), starts and stops their processes, and reports when
 one exits. It knows nothing of jobs: workers connect back to the control plane themselves
 and take jobs over the wire.
+
+``Provider`` lists what every provider implements. ``OptionalProvider`` lists what a provider
+may add (warm pools, emulation hints); the control plane looks each one up with ``getattr``
+and does without it when it is missing. ``OPTIONAL_METHODS`` names them.
 """
 
 from __future__ import annotations
@@ -48,13 +52,18 @@ class Provider(Protocol):
         Raises PlacementError when it never could (strict GPU mode without the GPU).
         """
 
-    def release(self, allocation: Allocation) -> None: ...
+    def release(self, allocation: Allocation) -> None:
+        """Give an allocation back: its worker has fully stopped (after ``on_exit``)."""
 
     async def start(
         self, spec: WorkerSpec, on_exit: Callable[[int | None, str], Awaitable[None] | None]
     ) -> Any:
         """Start the worker process; return a handle. ``on_exit(returncode, reason)`` is
-        called once when the process has fully stopped."""
+        called once when the process has fully stopped (its result is awaited if it is
+        awaitable; the control plane's is a plain function). ``reason`` says why in words
+        ("exited with code 1 (last log line)", "killed by SIGKILL"): it becomes the worker's
+        reason and the error of jobs that fail with it. A start that raises counts as a
+        start failure."""
 
     def stop(self, handle: Any) -> None:
         """Ask the process to stop now (SIGTERM)."""
@@ -62,6 +71,57 @@ class Provider(Protocol):
     def kill(self, handle: Any) -> None:
         """Stop the process at once (SIGKILL)."""
 
-    def pid(self, handle: Any) -> int | None: ...
+    def pid(self, handle: Any) -> int | None:
+        """A process id for views, or None where there is none (a remote actor)."""
 
-    def describe(self) -> dict[str, Any]: ...
+    def describe(self) -> dict[str, Any]:
+        """What ``/v1/info`` shows as ``provider`` (JSON-safe)."""
+
+
+class OptionalProvider(Protocol):
+    """Methods a provider may have. The control plane calls each only if it exists.
+
+    The local provider implements all of them (its spare worker process is a warm pool of
+    one). A provider for more than one machine (Ray) needs none of them to work: without
+    ``prepare`` every start is a fresh process, and without ``would_emulate`` views say an
+    idle endpoint is not emulated until a worker has started.
+    """
+
+    async def prepare(
+        self,
+        wire: tuple[str, int],
+        token: str,
+        quiet: Callable[[], bool],
+        prespawned: Any = None,
+    ) -> None:
+        """Called once when the control plane starts, before any worker starts.
+
+        ``wire`` is where workers connect, ``token`` derives the credentials of warm-pool
+        processes (``credentials.spare_credential``), ``quiet()`` says when the control plane
+        has been idle long enough for background work (starting a spare), and
+        ``prespawned`` is whatever ``server/boot.py`` started before the heavy imports (the
+        local provider's first spare process), or None.
+        """
+
+    def close(self) -> None:
+        """The control plane is stopping: stop warm-pool processes and start no more. The
+        workers themselves are stopped through ``stop``/``kill`` afterwards."""
+
+    def spare_ready(self, nonce: str, conn: Any) -> bool:
+        """A warm-pool process connected in the ``spare`` role with this nonce (its
+        credential was checked). Return True to keep it: ``conn`` is then its wire
+        connection, and ``start`` may hand it a worker by sending
+        ``{"op": "assign", "env": ..., "spec": ...}`` and setting ``conn.assigned =
+        (worker_id, incarnation)``; the process then says ``worker_hello`` as that worker.
+        False closes the connection."""
+
+    def spare_lost(self, conn: Any) -> None:
+        """The connection of a spare (one accepted by ``spare_ready``, not yet assigned)
+        closed: forget it, and stop its process."""
+
+    def would_emulate(self, config: EndpointConfig) -> bool:
+        """Whether a worker of this endpoint would run emulated (a GPU type the provider
+        does not have, run on CPU), before any worker has started. Views use it."""
+
+
+OPTIONAL_METHODS = ("prepare", "close", "spare_ready", "spare_lost", "would_emulate")

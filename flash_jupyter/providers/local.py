@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from .. import catalog, credentials
+from .. import catalog, credentials, envvars
 from ..config import EndpointConfig
 from .base import Allocation, PlacementError, WorkerSpec
 from .environments import ensure_environment
@@ -75,18 +75,16 @@ class LocalProvider:
         gpus: list[tuple[int, str, catalog.HardwareType | None]] | None = None,
     ):
         self.data_dir = data_dir
-        env_max = os.environ.get("FLASH_JUPYTER_MAX_WORKERS")
         self.max_workers = max_workers or (
-            int(env_max) if env_max else max(8, 4 * (os.cpu_count() or 2))
+            envvars.get("FLASH_JUPYTER_MAX_WORKERS") or max(8, 4 * (os.cpu_count() or 2))
         )
         if strict_gpu is None:
-            strict_gpu = os.environ.get("FLASH_JUPYTER_STRICT_GPU", "") not in ("", "0")
+            strict_gpu = envvars.get("FLASH_JUPYTER_STRICT_GPU")
         self.strict_gpu = strict_gpu
         self.gpus = detect_gpus() if gpus is None else gpus
         self.free_gpus = {idx for idx, _, _ in self.gpus}
         self.in_use = 0
-        spare = os.environ.get("FLASH_JUPYTER_SPARE_WORKERS", "1")
-        self.spare_workers = spare not in ("", "0")
+        self.spare_workers: bool = envvars.get("FLASH_JUPYTER_SPARE_WORKERS")
         self._spare_proc: Any = None
         self._spare_conn: Any = None
         self._spare_pending: Any = None
@@ -135,6 +133,10 @@ class LocalProvider:
         self.in_use = max(0, self.in_use - 1)
         self.free_gpus.update(allocation.devices)
 
+    def would_emulate(self, config: EndpointConfig) -> bool:
+        """The endpoint asks for a GPU type this host does not have (it would run on CPU)."""
+        return bool(config.gpu) and not any(hw and hw.name in config.gpu for _, _, hw in self.gpus)
+
     # -- processes
     async def prepare(
         self,
@@ -161,12 +163,10 @@ class LocalProvider:
         self._spare_pending = None
         if self._spare_proc is not None or self._closing:
             return
-        env = dict(os.environ)
         nonce = secrets.token_hex(8)
-        env["FLASH_JUPYTER_WORKER"] = json.dumps(
-            {"spare": True, "host": self._wire[0], "port": self._wire[1], "nonce": nonce}
-        )
-        env["FLASH_JUPYTER_WORKER_TOKEN"] = credentials.spare_credential(self._token, nonce)
+        spec = {"spare": True, "host": self._wire[0], "port": self._wire[1], "nonce": nonce}
+        credential = credentials.spare_credential(self._token, nonce)
+        env = envvars.worker_env(dict(os.environ), json.dumps(spec), credential)
         self._spare_ready = asyncio.Event()
         proc = await self._exec(sys.executable, env, "spare")
         proc._flash_nonce = nonce  # type: ignore[attr-defined]
@@ -268,10 +268,7 @@ class LocalProvider:
             python = await asyncio.get_running_loop().run_in_executor(
                 None, ensure_environment, self.data_dir, cfg.dependencies, cfg.system_dependencies
             )
-        env = dict(os.environ)
-        env.update(user_env)
-        env["FLASH_JUPYTER_WORKER"] = json.dumps(worker)
-        env["FLASH_JUPYTER_WORKER_TOKEN"] = spec.credential
+        env = envvars.worker_env({**os.environ, **user_env}, json.dumps(worker), spec.credential)
         proc = await self._exec(python, env, spec.worker_id)
         proc._flash_on_exit = on_exit  # type: ignore[attr-defined]
         self._replenish_spare()

@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .. import envvars
+
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flash-jupyter serve", description="Run the control plane.")
@@ -36,7 +38,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--token",
-        default=os.environ.get("FLASH_JUPYTER_TOKEN"),
+        default=envvars.get("FLASH_JUPYTER_TOKEN"),
         help="bearer token (default: $FLASH_JUPYTER_TOKEN, else the data dir's saved one)",
     )
     p.add_argument(
@@ -85,18 +87,16 @@ def exclusive(data_dir: Path) -> Any:
 
 
 def spawn_spare(data_dir: Path, host: str, port: int, token: str) -> subprocess.Popen | None:
-    if os.environ.get("FLASH_JUPYTER_SPARE_WORKERS", "1") in ("", "0"):
+    if not envvars.get("FLASH_JUPYTER_SPARE_WORKERS"):
         return None
     from ..credentials import spare_credential
 
-    env = dict(os.environ)
-    env.pop("FLASH_JUPYTER_URL", None)
-    env.pop("FLASH_JUPYTER_TOKEN", None)
     nonce = secrets.token_hex(8)
-    env["FLASH_JUPYTER_WORKER"] = json.dumps(
-        {"spare": True, "host": host, "port": port, "nonce": nonce}
+    env = envvars.worker_env(
+        dict(os.environ),
+        json.dumps({"spare": True, "host": host, "port": port, "nonce": nonce}),
+        spare_credential(token, nonce),
     )
-    env["FLASH_JUPYTER_WORKER_TOKEN"] = spare_credential(token, nonce)
     logs = data_dir / "logs"
     logs.mkdir(exist_ok=True)
     with open(logs / "spare.log", "ab") as log:

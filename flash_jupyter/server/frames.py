@@ -10,15 +10,15 @@ bounded by ``MAX_FRAME`` bytes, and what a connection buffered is dropped when i
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 from collections.abc import Callable
 from typing import Any
 
+from .. import envvars
 from ..protocol import HEAD, HELLO_MAX, LEN, MAX_BUFS, MAX_META, decode_meta, encode
 
-HELLO_TIMEOUT = float(os.environ.get("FLASH_JUPYTER_HELLO_TIMEOUT", "5"))
-MAX_FRAME = int(os.environ.get("FLASH_JUPYTER_MAX_FRAME_BYTES", str(4 << 30)))
+HELLO_TIMEOUT: float = envvars.get("FLASH_JUPYTER_HELLO_TIMEOUT")  # read once, at start
+MAX_FRAME: int = envvars.get("FLASH_JUPYTER_MAX_FRAME_BYTES")
 
 
 class FrameTooLarge(ValueError):

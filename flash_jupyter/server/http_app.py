@@ -16,7 +16,6 @@ import asyncio
 import hmac
 import json
 import math
-import os
 import sys
 from itertools import accumulate
 from typing import Any
@@ -27,7 +26,7 @@ from starlette.responses import JSONResponse as _StarletteJSONResponse
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from .. import __version__
+from .. import __version__, envvars
 from ..config import EndpointConfig
 from ..errors import ConfigError
 from ..providers.base import PlacementError
@@ -56,16 +55,12 @@ class HTTPError(Exception):
 
 def job_body_limits() -> tuple[int, int]:
     """Body limits of /run and /runsync: Runpod's, or FLASH_JUPYTER_MAX_BODY_BYTES for both."""
-    raw = os.environ.get(MAX_BODY_ENV, "").strip()
-    if not raw:
-        return RUN_BODY_LIMIT, RUNSYNC_BODY_LIMIT
     try:
-        n = int(raw)
-        if n <= 0:
-            raise ValueError
-    except ValueError:
-        print(f"flash-jupyter: ignoring {MAX_BODY_ENV}={raw!r}: not a positive number of bytes",
-              file=sys.stderr)  # fmt: skip
+        n = envvars.get(MAX_BODY_ENV)
+    except envvars.EnvVarError as e:
+        print(f"flash-jupyter: {e}; ignoring it", file=sys.stderr)
+        return RUN_BODY_LIMIT, RUNSYNC_BODY_LIMIT
+    if n is None:
         return RUN_BODY_LIMIT, RUNSYNC_BODY_LIMIT
     return n, n
 

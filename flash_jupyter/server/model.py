@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ class Job:
     cancel_sent: float | None = None
     delivered: bool = False
     incarnation: int = 0  # of the worker that ran it
+    run_index: int = 0  # it was the n-th job sent to that worker (order on the worker)
     hardware: str = ""  # what it ran on
 
     @property
@@ -87,9 +89,10 @@ class Worker:
     fns: set[str] = field(default_factory=set)  # function hashes this process holds
     start_signal: float | None = None  # wall time the start was asked for (billing)
     ready_at: float | None = None
-    last_active: float = field(default_factory=time.monotonic)
+    last_active: float = field(default_factory=time.monotonic)  # the control plane's clock
     jobs_run: int = 0
     stopping: bool = False
+    expected_exit: bool = True  # False when it was stopped for misbehaving (not billed idle)
     removing: bool = False  # slot goes away after this incarnation
     crashes: int = 0
     retry_at: float = 0.0
@@ -98,6 +101,9 @@ class Worker:
     price: float = 0.0  # per second, set at each start from what the worker got
     # Notebook sessions keeping names on this process: session -> {name: bytes}.
     remote_state: dict[str, dict[str, int]] = field(default_factory=dict)
+    # What the last incarnation held when it went: session -> names (until the next start).
+    lost_state: dict[str, list[str]] = field(default_factory=dict)
+    spawn_task: Any = None  # the asyncio task asking the provider for the process
 
     @property
     def live(self) -> bool:
@@ -106,6 +112,11 @@ class Worker:
     @property
     def ready(self) -> bool:
         return self.conn is not None and not self.stopping and self.state == RUNNING
+
+    @property
+    def holds_state(self) -> bool:
+        """A notebook keeps names on this process (stopping it loses them)."""
+        return any(self.remote_state.values())
 
     def billed_seconds(self, now: float | None = None) -> int:
         if self.start_signal is None:
@@ -117,12 +128,14 @@ class Worker:
 class EndpointState:
     config: EndpointConfig
     handler: str | None = None  # function hash used by JSON (REST) jobs
+    serves: str | None = None  # "function", "class" or "cells" (as last deployed; not stored)
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
     workers: dict[str, Worker] = field(default_factory=dict)
     queue: deque[str] = field(default_factory=deque)
     completed: int = 0
-    failed: int = 0
+    failed: int = 0  # FAILED and TIMED_OUT
+    cancelled: int = 0
     retried: int = 0
     logs: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=2000))
     billed_cost: float = 0.0  # closed ledger entries, all time (reloaded at start)
@@ -135,3 +148,15 @@ class EndpointState:
     @property
     def name(self) -> str:
         return self.config.name
+
+
+def notebook_name(session: str) -> str:
+    """A notebook session's short name: "analysis.ipynb" for ".../analysis.ipynb"."""
+    return os.path.basename(session.rstrip("/")) or session
+
+
+def describe_state(sessions: dict[str, Any]) -> str:
+    """``{session: names}`` as one line: "analysis.ipynb: a, b; other.ipynb: c"."""
+    return "; ".join(
+        f"{notebook_name(s)}: {', '.join(sorted(names))}" for s, names in sorted(sessions.items())
+    )

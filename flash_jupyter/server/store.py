@@ -329,14 +329,16 @@ class Store:
         return self._job_row(r) if r else None
 
     def job_counts(self) -> dict[str, dict[str, int]]:
-        """Finished jobs per endpoint: {"completed": n, "failed": m}."""
+        """Finished jobs per endpoint: {"completed": n, "failed": m, "cancelled": k}
+        (a cancel is the caller's choice, not a failure)."""
         out: dict[str, dict[str, int]] = {}
+        kind = {"COMPLETED": "completed", "CANCELLED": "cancelled"}
         for ep, status, n in self.db.execute(
             "SELECT endpoint, status, COUNT(*) FROM jobs WHERE finished IS NOT NULL "
             "GROUP BY endpoint, status"
         ):
-            d = out.setdefault(ep, {"completed": 0, "failed": 0})
-            d["completed" if status == "COMPLETED" else "failed"] += n
+            d = out.setdefault(ep, {"completed": 0, "failed": 0, "cancelled": 0})
+            d[kind.get(status, "failed")] += n
         return out
 
     @staticmethod

@@ -1,12 +1,12 @@
 """Read-only views of the control plane's state: Runpod's job and health shapes, worker and
-endpoint views for the dashboard, and billing. Mixed into ``ControlPlane``."""
+endpoint views for the dashboard (the billing view is ``billing.py``'s). Mixed into
+``ControlPlane``."""
 
 from __future__ import annotations
 
-import time
+from collections.abc import Callable
 from typing import Any
 
-from .. import catalog
 from ..config import EndpointConfig
 from . import model as m
 
@@ -15,6 +15,9 @@ class Views:
     endpoints: dict[str, m.EndpointState]
     provider: Any
     started: float
+    clock: Callable[[], float]
+    wall: Callable[[], float]
+    ledger: Any
 
     def status_payload(self, job: m.Job) -> dict[str, Any]:
         """A job as Runpod's /status shows it, plus flash-jupyter's timings."""
@@ -42,6 +45,7 @@ class Views:
         return d
 
     def health(self, name: str) -> dict[str, Any]:
+        """Runpod's /health, exactly its shape (the /v1 view adds ``jobs.cancelled``)."""
         ep = self.endpoint(name)
         ws = list(ep.workers.values())
         running = sum(1 for w in ws if w.conn is not None and w.jobs)
@@ -58,7 +62,7 @@ class Views:
             },
             "jobs": {
                 "completed": ep.completed,
-                "failed": ep.failed,
+                "failed": ep.failed,  # FAILED and TIMED_OUT (CANCELLED: endpoint_view)
                 "inProgress": in_progress,
                 "inQueue": len(ep.queue),
                 "retried": ep.retried,
@@ -66,7 +70,7 @@ class Views:
         }
 
     def worker_view(self, w: m.Worker, ep: m.EndpointState) -> dict[str, Any]:
-        now = time.time()
+        now = self.wall()
         return {
             "id": w.id,
             "endpoint": w.endpoint,
@@ -75,26 +79,41 @@ class Views:
             "jobs": list(w.jobs),
             "pid": w.pid,
             "hardware": w.hardware or ep.config.hardware.name,
-            "emulated": w.emulated,
+            "emulated": w.emulated if w.hardware else self._would_emulate(ep.config),
+            # What text status shows: "A100 (emulated on CPU)", "A100 x2", "cpu3c-2-4".
+            "hardware_label": self._hardware_label(w, ep),
             "incarnation": w.incarnation,
             "cold_start_ms": None if w.cold_start_ms is None else round(w.cold_start_ms, 1),
             "uptime_s": round(now - w.start_signal, 3) if w.live and w.start_signal else 0,
-            "idle_s": round(time.monotonic() - w.last_active, 3) if w.ready and not w.jobs else 0,
-            "billed_seconds": w.billed_seconds(now) if w.live else 0,
-            "cost": round(w.billed_seconds(now) * w.price, 8) if w.live else 0,
-            "price_per_second": w.price if w.live else ep.config.price_per_second,
+            "idle_s": round(self.clock() - w.last_active, 3) if w.ready and not w.jobs else 0,
+            **self.ledger.worker_bill(w, ep, now),
             "reason": w.reason,
+            # session -> what it keeps here; "notebook" is the session's short name.
             "remote_state": {
-                s: {"names": sorted(v), "bytes": sum(v.values())}
+                s: {"notebook": m.notebook_name(s), "names": sorted(v), "bytes": sum(v.values())}
                 for s, v in w.remote_state.items()
                 if v
             },
+            # What the last incarnation kept when it went (until the next start).
+            "lost_state": {
+                s: {"notebook": m.notebook_name(s), "names": names}
+                for s, names in w.lost_state.items()
+            },
         }
 
+    def _hardware_label(self, w: m.Worker, ep: m.EndpointState) -> str:
+        """The worker's hardware as a person reads it, emulation included."""
+        if w.hardware:
+            label, emulated = w.hardware, w.emulated
+        else:  # no process yet: what it would get
+            label, emulated = ep.config.hardware.name, self._would_emulate(ep.config)
+        if emulated and "emulated" not in label:
+            label += " (emulated on CPU)"
+        return label
+
     def endpoint_view(self, ep: m.EndpointState) -> dict[str, Any]:
-        live = [w for w in ep.workers.values() if w.live]
-        live_seconds = sum(w.billed_seconds() for w in live)
-        live_cost = sum(w.billed_seconds() * w.price for w in live)
+        health = self.health(ep.name)
+        health["jobs"]["cancelled"] = ep.cancelled
         return {
             "name": ep.name,
             "config": ep.config.to_dict(),
@@ -105,50 +124,12 @@ class Views:
             "updated": ep.updated,
             "has_handler": ep.handler is not None,
             "workers": [self.worker_view(w, ep) for w in ep.workers.values()],
-            "health": self.health(ep.name),
-            "cost": round(ep.billed_cost + live_cost, 8),
-            "billed_seconds": ep.billed_seconds + live_seconds,
-            "session_cost": round(ep.session_cost + live_cost, 8),
-            "session_seconds": ep.session_seconds + live_seconds,
+            "health": health,
+            **self.ledger.endpoint_bill(ep, self.wall()),
             "emulated": any(w.emulated for w in ep.workers.values())
             or self._would_emulate(ep.config),
         }
 
     def _would_emulate(self, cfg: EndpointConfig) -> bool:
-        gpus = getattr(self.provider, "gpus", [])
-        return bool(cfg.gpu) and not any(hw and hw.name in cfg.gpu for _, _, hw in gpus)
-
-    def billing(self) -> dict[str, Any]:
-        """What has been billed: all time (the ledger) and this session (since the control
-        plane started), per endpoint, with running workers counted up to now."""
-        by_ep = {}
-        total = session = 0.0
-        estimate = False
-        for ep in self.endpoints.values():
-            v = self.endpoint_view(ep)
-            by_ep[ep.name] = {
-                "cost": v["cost"],
-                "billed_seconds": v["billed_seconds"],
-                "session_cost": v["session_cost"],
-                "session_seconds": v["session_seconds"],
-                "price_per_second": ep.config.price_per_second,
-                "hardware": v["hardware"],
-                "estimate": v["emulated"],
-            }
-            total += v["cost"]
-            session += v["session_cost"]
-            estimate = estimate or v["emulated"]
-        return {
-            "currency": catalog.CURRENCY,
-            "prices_as_of": catalog.PRICES_AS_OF,
-            "total": round(total, 8),
-            "session": round(session, 8),
-            "estimate": estimate,
-            "basis": (
-                "estimate at list price: hardware emulated on CPU"
-                if estimate
-                else "per-second list price"
-            ),
-            "since": self.started,
-            "endpoints": by_ep,
-        }
+        would = getattr(self.provider, "would_emulate", None)  # optional (providers/base.py)
+        return bool(would is not None and would(cfg))

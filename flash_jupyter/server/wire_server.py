@@ -2,9 +2,11 @@
 
 The first frame is a JSON hello carrying a credential: the token for a client, a worker's
 own credential for a worker (see ``flash_jupyter.credentials``). A wrong one gets one error
-frame, and the connection is closed with nothing after the hello read. After that, frames
-are handed to the control plane, and what they name is checked against what the peer may
-touch: a worker speaks only for its own jobs, spool files are only those of the spool.
+frame, and the connection is closed with nothing after the hello read. After that, each
+frame is one operation: a client's (``op_*``: deploy, submit, cancel, ...) or a worker's
+(``_worker_frame``: results, output, releases). What a frame names is checked against what
+the peer may touch: a worker speaks only for its own jobs, spool files are only those of the
+spool. A worker that sends what it must not is stopped (``_misbehaved``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 from .. import credentials, shm, wire
 from ..config import EndpointConfig
+from ..errors import ConfigError
 from . import model as m
 from .control import ControlPlane, NotFound
 from .frames import MAX_FRAME, FrameProtocol
@@ -31,6 +34,7 @@ class Connection:
         self.worker: tuple[str, int] | None = None
         self.jobs: set[str] = set()
         self.writer: str | None = None
+        self.sessions: set[str] = set()  # notebooks (of a client) keeping names on workers
 
     # -- used by the control plane
     @property
@@ -80,6 +84,21 @@ class Connection:
                 job = self.cp.jobs.get(jid)
                 if job is not None and job.owner is self:
                     job.owner = None
+            if self.sessions:
+                self._forget_sessions()
+
+    def _forget_sessions(self) -> None:
+        """The kernel that ran these notebooks is gone: their names on workers are freed (no
+        one can reach them any more), unless another live connection still uses them."""
+        live = set().union(*(c.sessions for c in self.cp.clients if c is not self))
+        gone = self.sessions - live
+        for ep in self.cp.endpoints.values():
+            for w in ep.workers.values():
+                drop = [s for s in gone if s in w.remote_state]
+                if drop and w.conn is not None:
+                    for s in drop:
+                        del w.remote_state[s]
+                    w.conn.send({"op": "forget", "sessions": drop})
 
     def on_frame(self, meta: dict[str, Any], bufs: list[bytearray]) -> None:
         if self.role is None:
@@ -87,10 +106,10 @@ class Connection:
             return
         if self.role == "worker":
             try:
-                self.cp.worker_frame(self.worker[0], self, meta, bufs)
+                self._worker_frame(meta, bufs)
             except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
                 # A worker that sends what it should not is not trusted further.
-                self.cp.worker_misbehaved(self.worker, f"sent a bad {meta.get('op')!r} frame: {e}")
+                self._misbehaved(f"sent a bad {meta.get('op')!r} frame: {e}")
             return
         if self.role == "spare":
             if meta.get("op") == "worker_hello":
@@ -171,6 +190,93 @@ class Connection:
         self.role, self.worker = "worker", (wid, inc)
         self.cp.writers[f"w-{wid}-{inc}"] = self
 
+    # -- worker frames
+    def _worker_frame(self, meta: dict[str, Any], bufs: list[bytearray]) -> None:
+        """A frame from a worker. It speaks for its own jobs only: anything naming another
+        job is ignored, and malformed frames raise (the connection then stops the worker)."""
+        op = meta.get("op")
+        if op == "done":
+            self._job_done(meta, bufs)
+        elif op == "dones":
+            for item in meta["items"]:
+                self._job_done(item, bufs)
+        elif op == "release":
+            self.cp.route_release(self.spool_paths(meta["paths"]))
+        elif op in ("out", "display", "chunk"):
+            cp = self.cp
+            job = cp.jobs.get(meta["id"])
+            if job is None or job.worker_id != self.worker[0]:
+                return
+            if op == "out":
+                stream, text = meta["stream"], meta["text"]
+                if stream not in ("stdout", "stderr") or not isinstance(text, str):
+                    raise ValueError("out frames carry stdout or stderr text")
+                ep = cp.endpoints.get(job.endpoint)
+                if ep is not None:
+                    cp._log(ep, job, stream, text)
+                if job.owner is not None and job.status not in m.TERMINAL:
+                    job.owner.send({"op": "out", "id": job.id, "stream": stream, "text": text})
+            elif op == "display":
+                if job.owner is not None and job.status not in m.TERMINAL:
+                    job.owner.send(meta)
+                if cp.events.active:
+                    text = (meta.get("data") or {}).get("text/plain", "")
+                    cp.events.publish("display", endpoint=job.endpoint, job=job.id, text=text)
+            else:
+                job.stream.append(meta["output"])
+                cp.events.publish("chunk", job=job.id, endpoint=job.endpoint)
+
+    def _job_done(self, meta: dict[str, Any], bufs: list[bytearray]) -> None:
+        """A worker finished one of its jobs: the outcome, and the notebook state it keeps.
+        Everything it names is checked before anything changes, so a bad frame leaves the
+        job on the worker (and the worker's exit puts it back in the queue)."""
+        cp = self.cp
+        worker_id = self.worker[0]
+        job = cp.jobs.get(meta["id"])
+        if job is None:
+            return
+        ok = meta.get("ok")
+        state = meta.get("state")
+        if state:
+            _check_state(state)
+        current = job.worker_id == worker_id and job.status not in m.TERMINAL
+        if current and ok and job.kind != "json":
+            result = {
+                "codec": meta.get("c", "cloudpickle"),
+                "blobs": self.own_refs(meta["refs"], bufs, self.writer_name),
+            }
+        ep = cp.endpoints.get(job.endpoint)
+        w = ep.workers.get(worker_id) if ep else None
+        if w is not None:
+            w.jobs.discard(job.id)
+            w.last_active = cp.clock()
+            if ok:
+                w.crashes = 0
+            if state:
+                w.remote_state.update(state)
+                if job.owner is not None:
+                    job.owner.sessions.update(state)
+        if not current:
+            if ep is not None:
+                cp.kick(ep.name)
+            return
+        if ok:
+            if job.kind == "json":
+                result = {"output": meta.get("output")}
+            cp._finish(job, m.COMPLETED, result=result)
+        else:
+            err = meta.get("error") or {}
+            status = m.CANCELLED if meta.get("cancelled") else m.FAILED
+            cp._finish(job, status, error=err)
+
+    def _misbehaved(self, reason: str) -> None:
+        """This worker sent what it must not: stop it (its jobs are retried elsewhere)."""
+        wid, inc = self.worker
+        ep, w = self.cp.lifecycle.find(wid, inc)
+        if w is not None:
+            self.cp._log(ep, None, "system", f"[{wid}] {reason}; stopping it\n")
+            self.cp.lifecycle.stop(w, reason, kill=True, expected=False)
+
     # -- what a peer may name
     def own_refs(self, refs: Any, bufs: list[Any], writer: str | None) -> list[Any]:
         """Blob references from this peer: indexes into the frame, or spool files in the
@@ -219,12 +325,22 @@ class Connection:
 
     def op_deploy(self, meta: dict[str, Any], bufs: list[bytearray]) -> None:
         cfg = EndpointConfig.from_dict(meta["config"])
+        changes = meta.get("changes")
+        if changes is not None:
+            if not isinstance(changes, dict):
+                raise ConfigError("deploy: changes must be a mapping of settings")
+            existing = self.cp.endpoints.get(cfg.name)
+            if existing is not None:  # only the settings named change (the magics' rule)
+                cfg = existing.config.changed(**changes)
         handler = meta.get("handler")
         if handler:
             self.cp.put_function(
                 handler, meta["hc"], self.own_refs(meta["hrefs"], bufs, self.writer)
             )
-        self._reply(meta, self.cp.deploy(cfg, handler))
+        serves = meta.get("serves")
+        if serves not in (None, "function", "class", "cells"):
+            raise ConfigError(f"deploy: serves must be function, class or cells, not {serves!r}")
+        self._reply(meta, self.cp.deploy(cfg, handler, serves=serves))
 
     def op_submit(self, meta: dict[str, Any], bufs: list[bytearray]) -> None:
         _check_submit(meta)
@@ -287,6 +403,17 @@ class Connection:
 def _plain_name(name: str) -> bool:
     """A single path component made by this project (no separators, not . or ..)."""
     return bool(name) and name not in (".", "..") and "/" not in name and "\0" not in name
+
+
+def _check_state(state: Any) -> None:
+    """A worker's report of the names it keeps: {session: {name: bytes}}."""
+    if not isinstance(state, dict) or not all(
+        isinstance(s, str)
+        and isinstance(v, dict)
+        and all(isinstance(n, str) and type(b) is int for n, b in v.items())
+        for s, v in state.items()
+    ):
+        raise ValueError("state is {session: {name: size}}")
 
 
 def _check_submit(meta: dict[str, Any]) -> None:

@@ -1,0 +1,306 @@
+"""The scheduler: how many workers an endpoint wants, which worker gets which job, and room
+for a start that the host cannot take.
+
+``reconcile`` makes the scaling decisions. It is cheap and idempotent and runs after anything
+changes (``ControlPlane.kick``, coalesced to once per loop turn per endpoint) and on the
+periodic tick. ``pump`` hands queued jobs to ready workers (the hot path: one ``run`` frame
+per job). ``make_room`` stops another endpoint's idle worker when a start is throttled.
+Starting and stopping processes is the lifecycle's business (``lifecycle.py``); time comes
+from ``cp.clock`` (monotonic), so tests can advance it.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+from typing import TYPE_CHECKING, Any
+
+from .. import shm
+from ..protocol import MAX_META
+from . import model as m
+
+if TYPE_CHECKING:
+    from .control import ControlPlane
+
+CANCEL_GRACE = 2.0  # seconds a worker has to stop a cancelled job before it is replaced
+PREFETCH = 16  # extra jobs queued on a worker when jobs are tiny (see pump)
+TINY_MS = 2.0
+_START_ORDER = {m.THROTTLED: 0, m.IDLE: 1, m.UNHEALTHY: 2}  # which idle slot starts first
+
+
+class Scheduler:
+    def __init__(self, cp: ControlPlane):
+        self.cp = cp
+
+    # ------------------------------------------------------------------ periodic
+    def tick(self) -> None:
+        """Deadlines (execution_timeout, cancel grace), then reconcile every endpoint."""
+        cp = self.cp
+        now = cp.clock()
+        for ep in list(cp.endpoints.values()):
+            for w in list(ep.workers.values()):
+                for jid in list(w.jobs):
+                    job = cp.jobs.get(jid)
+                    if job is None:
+                        w.jobs.discard(jid)
+                    elif job.status == m.IN_PROGRESS and job.deadline and now > job.deadline:
+                        self._timeout(job, w, ep)
+                    elif (
+                        job.status == m.CANCELLED
+                        and job.cancel_sent
+                        and now - job.cancel_sent > CANCEL_GRACE
+                        and w.live
+                        and not w.stopping
+                    ):
+                        cp.lifecycle.stop(
+                            w, f"did not stop cancelled job {jid}", kill=True, requeue=True
+                        )
+            self.reconcile(ep)
+
+    def _timeout(self, job: m.Job, w: m.Worker, ep: m.EndpointState) -> None:
+        limit = ep.config.execution_timeout
+        self.cp._finish(
+            job,
+            m.TIMED_OUT,
+            error={"message": f"execution_timeout of {limit:g} s exceeded; worker recycled"},
+        )
+        self.cp.lifecycle.stop(w, f"job {job.id} timed out", kill=True, requeue=True)
+
+    # ------------------------------------------------------------------ scaling
+    def reconcile(self, ep: m.EndpointState) -> None:
+        """Start or stop workers so the endpoint has what its queue and settings ask for."""
+        cp = self.cp
+        if cp.closing:
+            return
+        cfg = ep.config
+        now = cp.clock()
+        if ep.queue:
+            self.pump(ep)  # first: cells bound to a vanished worker fail, not scale up
+        workers = list(ep.workers.values())
+        current = [w for w in workers if w.live and w.state != m.OUTDATED and not w.stopping]
+        demand = len(ep.queue) + sum(len(w.jobs) for w in current)
+        want = max(cfg.workers_min, min(cfg.workers_max, math.ceil(demand / cfg.max_concurrency)))
+        need = want - len(current)
+        if need > 0:
+            idle = sorted(
+                (
+                    w
+                    for w in workers
+                    if not w.live
+                    and not w.removing
+                    and (w.state != m.UNHEALTHY or w.retry_at <= now)
+                ),
+                key=lambda w: _START_ORDER.get(w.state, 3),
+            )
+            for w in idle[:need]:
+                cp.lifecycle.start(ep, w)
+        else:
+            for w in workers:
+                if w.state == m.THROTTLED:
+                    w.state, w.reason = m.IDLE, ""
+                    cp._publish_worker(w)
+            surplus = len(current) - want
+            if surplus > 0:
+                # Longest idle first, and those keeping no notebook's names before those that do.
+                idle = sorted(
+                    (
+                        w
+                        for w in current
+                        if w.ready and not w.jobs and now - w.last_active >= cfg.idle_timeout
+                    ),
+                    key=lambda w: (w.holds_state, w.last_active),
+                )
+                for w in idle[:surplus]:
+                    cp.lifecycle.stop(w, "scaled down (idle timeout)")
+        for w in workers:
+            if (w.state == m.OUTDATED or w.removing) and w.live and not w.jobs and not w.stopping:
+                cp.lifecycle.stop(w, "outdated" if w.state == m.OUTDATED else "scaled down")
+        if ep.queue:
+            self.pump(ep)
+
+    def make_room(self, wanting: m.EndpointState) -> None:
+        """Free a slot for a throttled start by stopping the longest-idle warm worker of
+        another endpoint (never below that endpoint's min, never a busy one): on one
+        machine, a warm worker nobody calls should not hold up real work. A worker that
+        keeps a notebook's names goes only when no other can: then its owners are told at
+        once (a line of output on the waiting job, the worker's reason, a ``state_lost``
+        frame to the clients)."""
+        cp = self.cp
+        if any(w.stopping for e in cp.endpoints.values() for w in e.workers.values()):
+            return  # a slot is already on its way back
+        best: m.Worker | None = None
+        for e in cp.endpoints.values():
+            if e is wanting:
+                continue
+            live = [w for w in e.workers.values() if w.live and not w.stopping]
+            if len(live) <= e.config.workers_min:
+                continue
+            for w in live:
+                if not w.ready or w.jobs:
+                    continue
+                if best is None or (w.holds_state, w.last_active) < (
+                    best.holds_state,
+                    best.last_active,
+                ):
+                    best = w
+        if best is None:
+            return
+        held = {s: sorted(v) for s, v in best.remote_state.items() if v}
+        if held:
+            what = m.describe_state(held)
+            text = (
+                f"flash: stopped worker {best.id} of endpoint {best.endpoint} to make room for "
+                f"{wanting.name}; it held remote state of notebook {what}\n"
+            )
+            job = next((cp.jobs.get(j) for j in wanting.queue if j in cp.jobs), None)
+            if job is not None:
+                cp.tell(wanting, job, text)
+            else:
+                cp._log(wanting, None, "stderr", text)
+        cp.lifecycle.stop(best, f"made room for {wanting.name}")  # it tells the clients
+
+    # ------------------------------------------------------------------ dispatch (hot path)
+    def pump(self, ep: m.EndpointState) -> None:
+        """Hand queued jobs to ready workers, least loaded first.
+
+        A worker holds up to max_concurrency jobs; when jobs are tiny (recent mean under
+        TINY_MS), up to PREFETCH more wait on the worker, so it never idles for a round trip.
+        """
+        jobs = self.cp.jobs
+        ready = [w for w in ep.workers.values() if w.ready and not w.removing]
+        depth = ep.config.max_concurrency
+        if ep.exec_ewma_ms < TINY_MS:
+            depth += PREFETCH
+        waiting: list[str] = []  # jobs bound to a worker that is busy now
+        while ep.queue:
+            jid = ep.queue.popleft()
+            job = jobs.get(jid)
+            if job is None or job.status != m.IN_QUEUE:
+                continue
+            aff = job.body.get("affinity")
+            if aff:
+                w = self.affine_worker(ep, job, aff)
+                if w is None:
+                    if job.status == m.IN_QUEUE and not aff.get("strict"):
+                        job.body["affinity"] = None  # its worker is gone: any will do
+                        ep.queue.appendleft(jid)
+                    continue
+                if not w.ready or len(w.jobs) >= ep.config.max_concurrency:
+                    waiting.append(jid)
+                    continue
+                self.send_job(ep, w, job)
+                continue
+            if not ready:
+                waiting.append(jid)
+                break
+            w = min(ready, key=lambda w: len(w.jobs))
+            if len(w.jobs) >= depth:
+                waiting.append(jid)
+                break
+            self.send_job(ep, w, job)
+        ep.queue.extendleft(reversed(waiting))
+
+    def affine_worker(self, ep: m.EndpointState, job: m.Job, aff: dict) -> m.Worker | None:
+        """The worker holding the notebook state a cell asks for; None if it is gone (a
+        strict cell then fails: the names it needs went with that worker)."""
+        w = ep.workers.get(aff.get("worker", ""))
+        if w is not None and w.live and w.incarnation == aff.get("incarnation") and not w.stopping:
+            return w
+        if aff.get("strict"):
+            names = ", ".join(aff.get("names") or ()) or "its remote names"
+            was = w.reason if w is not None and w.reason else "it is no longer running"
+            self.cp._finish(
+                job,
+                m.FAILED,
+                error={
+                    "type": "RemoteStateLost",
+                    "message": f"{names} lived on worker {aff.get('worker')}, which is gone "
+                    f"({was}); run the cells that define them again",
+                    "names": list(aff.get("names") or ()),
+                    "worker": aff.get("worker"),
+                },
+            )
+        return None
+
+    def send_job(self, ep: m.EndpointState, w: m.Worker, job: m.Job) -> None:
+        """Hand a queued job to a ready worker. A job that cannot be sent fails, with the
+        reason, and leaves the worker as it was; it never stays IN_PROGRESS on a worker that
+        did not get it."""
+        cp = self.cp
+        try:
+            frame = self.run_frame(w, job)
+        except Exception as e:  # whatever it is, the job must end visibly
+            why = f"the job could not be sent to a worker: {type(e).__name__}: {e}"
+            cp._finish(job, m.FAILED, error={"message": why, "type": "DispatchError"})
+            return
+        if frame is None:
+            return
+        meta, bufs, size = frame
+        if size > MAX_META:
+            why = (
+                f"the job is too large for a worker: its input takes {size} bytes in the run "
+                f"frame, over the limit of {MAX_META} bytes ({MAX_META >> 20} MiB) a worker "
+                f"accepts; pass large data another way (a file, a URL)"
+            )
+            cp._finish(job, m.FAILED, error={"message": why, "type": "JobTooLarge"})
+            return
+        job.status, job.started, job.worker_id = m.IN_PROGRESS, cp.wall(), w.id
+        job.incarnation = w.incarnation
+        job.hardware = w.hardware
+        job.cold = w.jobs_run == 0 and w.ready_at is not None and job.created < w.ready_at
+        job.cold_start_ms = w.cold_start_ms if job.cold else None
+        now = cp.clock()
+        if ep.config.execution_timeout:
+            job.deadline = now + ep.config.execution_timeout
+        w.jobs_run += 1
+        job.run_index = w.jobs_run
+        w.jobs.add(job.id)
+        cp.last_activity = now
+        try:
+            w.conn.send(meta, bufs)
+        except Exception as e:
+            w.jobs_run -= 1
+            job.started = job.cold_start_ms = None  # it never ran: no cost, no delay
+            job.cold = False
+            why = f"the job could not be sent to worker {w.id}: {type(e).__name__}: {e}"
+            cp._finish(job, m.FAILED, error={"message": why, "type": "DispatchError"})
+            return
+        if "fnrefs" in meta and job.fn is not None:
+            w.fns.add(job.fn)
+        # IN_PROGRESS is not written: after a crash a running job goes back to the queue
+        # anyway, so the row can say IN_QUEUE until the job ends (one commit per job saved).
+        cp._publish_job(job)
+
+    def run_frame(self, w: m.Worker, job: m.Job) -> tuple[dict[str, Any], list[Any], int] | None:
+        """The run frame of ``job`` for ``w``, and the size of the part a worker caps
+        (MAX_META): a JSON job's input travels inside it. None if the job failed already."""
+        meta: dict[str, Any] = {"op": "run", "id": job.id, "kind": job.kind}
+        bufs: list[Any] = []
+        body = job.body
+        if job.fn is not None:
+            meta["fn"] = job.fn
+            if job.fn not in w.fns:
+                f = self.cp.get_function(job.fn)
+                if f is None:
+                    self.cp._finish(job, m.FAILED, error={"message": "function payload lost"})
+                    return None
+                meta["fnc"] = f[0]
+                meta["fnrefs"] = shm.to_refs(f[1], bufs)
+        elif body.get("fn_blobs"):
+            meta["fnc"] = body["fn_codec"]
+            meta["fnrefs"] = shm.to_refs(body["fn_blobs"], bufs)
+        size = 0
+        if job.kind == "json":
+            meta["input"] = body.get("input")
+            # Measured as the wire encodes it (a second encoding, for JSON jobs only: their
+            # input is the one part of a run frame's metadata that can be large).
+            size = len(pickle.dumps(meta, protocol=5))
+        else:
+            meta["c"] = body.get("codec", "cloudpickle")
+            meta["refs"] = shm.to_refs(body.get("blobs") or (), bufs)
+            meta["stamp"] = body.get("stamp")
+            if body.get("paths"):
+                meta["paths"] = body["paths"]
+            if body.get("noshm"):
+                meta["noshm"] = True
+        return meta, bufs, size
