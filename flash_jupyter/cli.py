@@ -20,65 +20,14 @@ import sys
 import time
 from typing import Any
 
-from . import __version__, paths
+from . import __version__, envvars, paths
+from .status_text import format_status
 
 
 def _client() -> Any:
     from .client import get_client
 
     return get_client()
-
-
-def _table(rows: list[list[str]], head: list[str]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*head), *(fmt.format(*map(str, r)) for r in rows)])
-
-
-def format_status(endpoints: list[dict[str, Any]], billing: dict[str, Any] | None = None) -> str:
-    """A text dashboard: one block per endpoint, one line per worker slot."""
-    if not endpoints:
-        return "no endpoints yet"
-    out = []
-    for ep in endpoints:
-        c = ep["config"]
-        h = ep["health"]
-        est = " (estimate: emulated on CPU)" if ep.get("emulated") else ""
-        out.append(
-            f"{ep['name']}  {ep['hardware']}  workers {c['workers_min']}..{c['workers_max']}  "
-            f"idle_timeout {c['idle_timeout']:g}s  jobs: {h['jobs']['inQueue']} queued, "
-            f"{h['jobs']['inProgress']} running, {h['jobs']['completed']} done, "
-            f"{h['jobs']['failed']} failed, {h['jobs']['retried']} retried  "
-            f"cost ${ep['cost']:.6f}{est}"
-        )
-        rows = [
-            [
-                w["id"],
-                w["state"],
-                w["hardware"],
-                "busy" if w["busy"] else "",
-                "" if w["cold_start_ms"] is None else f"{w['cold_start_ms']:.0f} ms",
-                f"{w['billed_seconds']} s",
-                w["reason"],
-            ]
-            for w in ep["workers"]
-        ]
-        out.append(
-            "  "
-            + _table(
-                rows, ["worker", "state", "hardware", "", "cold start", "billed", "note"]
-            ).replace("\n", "\n  ")
-        )
-        for w in ep["workers"]:
-            for session, st in (w.get("remote_state") or {}).items():
-                out.append(
-                    f"  {w['id']} keeps {session}'s {', '.join(st['names'])} "
-                    f"({st['bytes'] / 1e6:.1f} MB): lost when it scales down"
-                )
-    if billing:
-        tag = " (estimate at list price)" if billing.get("estimate") else ""
-        out.append(f"total ${billing['total']:.6f}{tag}; prices as of {billing['prices_as_of']}")
-    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--tail", type=int, default=100)
     s = sub.add_parser("scale", help="set an endpoint's workers min,max")
     s.add_argument("name")
-    s.add_argument("workers", help="MIN,MAX, or N for 0,N")
+    s.add_argument("workers", help="MIN,MAX, or N for 0,N (as the workers= setting)")
     s = sub.add_parser("stop", help="scale an endpoint to zero now")
     s.add_argument("name")
     s = sub.add_parser("delete", help="delete an endpoint (cancels its queue)")
@@ -122,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return _run(a)
-    except FlashError as e:  # one line, no traceback: the message says what to do
+    except (FlashError, envvars.EnvVarError) as e:  # one line: the message says what to do
         print(f"flash-jupyter: {e}", file=sys.stderr)
         return 1
 
@@ -143,7 +92,7 @@ def _run(a: argparse.Namespace) -> int:
                     file=sys.stderr,
                 )
                 return 1
-            if os.environ.get("FLASH_JUPYTER_TOKEN"):
+            if envvars.is_set("FLASH_JUPYTER_TOKEN"):
                 print("flash-jupyter: --new-token cannot be used with FLASH_JUPYTER_TOKEN",
                       file=sys.stderr)  # fmt: skip
                 return 2
@@ -186,9 +135,10 @@ def _run(a: argparse.Namespace) -> int:
         print(f"export FLASH_JUPYTER_TOKEN={c.token}")
         return 0
     if a.cmd == "build":
+        from .config import BY_NAME
         from .providers.environments import ensure_environment
 
-        deps = tuple(d for d in a.deps.split(",") if d)
+        deps = tuple(BY_NAME["dependencies"].parse_text(a.deps))
         t = time.monotonic()
         try:
             py = ensure_environment(paths.home(), deps)
@@ -198,6 +148,14 @@ def _run(a: argparse.Namespace) -> int:
         print(f"environment ready in {time.monotonic() - t:.1f} s: {py}")
         return 0
 
+    if a.cmd == "scale":  # checked before connecting: "N" means (0, N), as workers=N does
+        from .config import WorkersTextError, parse_workers_text
+
+        try:  # a range the server would refuse exits 1 (below), as its refusals do
+            wmin, wmax = parse_workers_text(a.workers)
+        except WorkersTextError as e:
+            print(f"flash-jupyter: {e}", file=sys.stderr)
+            return 2
     c = _client()
     if a.cmd == "status":
         eps = [c.endpoint(a.name)] if a.name else c.endpoints()
@@ -209,13 +167,6 @@ def _run(a: argparse.Namespace) -> int:
         for e in c.logs(a.name, a.tail):
             sys.stdout.write(e["text"])
     elif a.cmd == "scale":
-        lo, sep, hi = a.workers.partition(",")
-        try:  # "N" means (0, N), as workers=N does
-            wmin, wmax = (int(lo), int(hi)) if sep else (0, int(lo))
-        except ValueError:
-            print(f"flash-jupyter: workers must be MIN,MAX, not {a.workers!r}",
-                  file=sys.stderr)  # fmt: skip
-            return 2
         print(json.dumps(c.scale(a.name, wmin, wmax)))
     elif a.cmd == "stop":
         print(json.dumps(c.stop(a.name)))

@@ -9,18 +9,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import envvars
+
 _warned: set[str] = set()  # folders already warned about in this process
 
 
 def home() -> Path:
     """The data dir: ``FLASH_JUPYTER_HOME``, else the user's data dir."""
-    env = os.environ.get("FLASH_JUPYTER_HOME")
+    env = envvars.get("FLASH_JUPYTER_HOME")
     if env:
         return Path(env).expanduser()
     if sys.platform == "darwin":
         base = Path("~/Library/Application Support").expanduser()
     else:
-        base = Path(os.environ.get("XDG_DATA_HOME") or "~/.local/share").expanduser()
+        base = Path(envvars.get("XDG_DATA_HOME") or "~/.local/share").expanduser()
     return base / "flash-jupyter"
 
 
