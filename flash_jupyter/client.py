@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from . import errors, paths, shm, wire
+from . import envvars, errors, paths, shm, wire
 from .protocol import SyncConnection, pid_alive
 
 START_TIMEOUT = 30.0
@@ -74,7 +74,7 @@ def start_local(data_dir: Path | None = None, extra_args: list[str] = ()) -> dic
         with open(data_dir / "server.log", "ab") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "flash_jupyter.server", "--data-dir", str(data_dir),
-                 "--idle-shutdown", os.environ.get("FLASH_JUPYTER_IDLE_SHUTDOWN", "3600"),
+                 "--idle-shutdown", repr(envvars.get("FLASH_JUPYTER_IDLE_SHUTDOWN")),
                  *extra_args],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
                 close_fds=True,
@@ -97,9 +97,9 @@ def start_local(data_dir: Path | None = None, extra_args: list[str] = ()) -> dic
 
 def discover(autostart: bool = True) -> dict[str, Any]:
     """Connection details of the control plane this process should use."""
-    url = os.environ.get("FLASH_JUPYTER_URL")
+    url = envvars.get("FLASH_JUPYTER_URL")
     if url:
-        token = os.environ.get("FLASH_JUPYTER_TOKEN", "")
+        token = envvars.get("FLASH_JUPYTER_TOKEN") or ""
         info = _http_get_json(url.rstrip("/") + "/v1/info", token)
         host = urlparse(url).hostname or "127.0.0.1"
         return {**info, "url": url.rstrip("/"), "token": token, "wire_host": host}
@@ -155,13 +155,16 @@ class Client:
         self._releaser = shm.Releaser(self._send_release)
         self.same_host = False
         self._closed = False
+        # Called from the reader thread with each "state_lost" notice: a worker holding
+        # notebooks' remote names went (stopped, crashed, made room for another endpoint).
+        self.on_state_lost: list[Any] = []
         self._connect()
 
     # -- connection
     def _connect(self) -> None:
         info = self._info or discover()
         conn = _try_connect(info)
-        if conn is None and not os.environ.get("FLASH_JUPYTER_URL") and self._info is None:
+        if conn is None and not envvars.is_set("FLASH_JUPYTER_URL") and self._info is None:
             info = start_local()
             conn = _try_connect(info)
         if conn is None:
@@ -222,7 +225,7 @@ class Client:
         if conn is None:
             with self._lock:
                 if self.conn is None:
-                    if not os.environ.get("FLASH_JUPYTER_URL"):
+                    if not envvars.is_set("FLASH_JUPYTER_URL"):
                         self._info = None
                     self._connect()
                     for _, cfg_msg in list(self.deployed.values()):
@@ -236,7 +239,7 @@ class Client:
         while not self._closed and time.monotonic() < deadline:
             try:
                 with self._lock:
-                    self._info = None if not os.environ.get("FLASH_JUPYTER_URL") else self._info
+                    self._info = None if not envvars.is_set("FLASH_JUPYTER_URL") else self._info
                     self._connect()
                     pending = [j for j in self.jobs.values() if not j.done.is_set()]
                     for _, cfg_msg in list(self.deployed.values()):
@@ -286,6 +289,12 @@ class Client:
             job = self.jobs.get(meta["id"])
             if job is not None and job.frame is not None:
                 self._resend(job)
+        elif op == "state_lost":
+            for listener in list(self.on_state_lost):
+                try:
+                    listener(meta)
+                except Exception:  # a listener's bug must not stop the reader thread
+                    pass
         elif op == "unknown":
             for jid in meta["ids"]:
                 job = self.jobs.get(jid)
@@ -358,9 +367,24 @@ class Client:
         return reply["result"]
 
     # -- endpoints and jobs
-    def deploy(self, config: dict[str, Any], handler: wire.Payload | None = None) -> dict[str, Any]:
-        """Create, reuse or update an endpoint (and set its HTTP handler function)."""
+    def deploy(
+        self,
+        config: dict[str, Any],
+        handler: wire.Payload | None = None,
+        changes: dict[str, Any] | None = None,
+        serves: str | None = None,
+    ) -> dict[str, Any]:
+        """Create, reuse or update an endpoint (and set its HTTP handler function).
+
+        With ``changes``, an endpoint that exists keeps every setting not named there
+        (``config`` is only what a new endpoint starts from). ``serves``: "function",
+        "class" or "cells", so HTTP callers of a class or a cell endpoint learn why they
+        cannot call it."""
         meta: dict[str, Any] = {"op": "deploy", "config": config}
+        if changes is not None:
+            meta["changes"] = changes
+        if serves is not None:
+            meta["serves"] = serves
         bufs: list[Any] = []
         if handler is not None:
             meta["handler"] = _fn_hash(handler)
@@ -368,7 +392,8 @@ class Client:
             meta["hrefs"] = list(range(1 + len(handler.buffers)))
             bufs = [handler.data, *handler.buffers]
         answer = self.request(meta, bufs)
-        self.deployed[config["name"]] = (answer["config_hash"], {"op": "deploy", "config": config})
+        again = {k: v for k, v in meta.items() if k in ("op", "config", "changes", "serves")}
+        self.deployed[config["name"]] = (answer["config_hash"], again)
         return answer
 
     def submit(

@@ -77,33 +77,37 @@ class _Remote:
     def _client(self) -> Client:
         client = get_client()
         if self._deployed_by != (id(client), self.config.config_hash):
-            handler = None
-            if isinstance(self._target, types.FunctionType):
-                _ship_module_by_value(self._target)
-                handler = wire.dumps(self._target, what=f"function {self.name!r}")
-            client.deploy(self.config.to_dict(), handler)
-            self._deployed_by = (id(client), self.config.config_hash)
+            self._deploy(client)
         return client
 
-    def deploy(self) -> dict[str, Any]:
-        """Create or update the endpoint now (and make the function callable over HTTP)."""
-        self._deployed_by = None
-        client = get_client()
-        handler = None
+    def _deploy(self, client: Client) -> dict[str, Any]:
+        handler, serves = None, "class"
         if isinstance(self._target, types.FunctionType):
-            _ship_module_by_value(self._target)
-            handler = wire.dumps(self._target, what=f"function {self.name!r}")
-        answer = client.deploy(self.config.to_dict(), handler)
+            handler, serves = self._fn_payload(), "function"
+        answer = client.deploy(self.config.to_dict(), handler, serves=serves)
         self._deployed_by = (id(client), self.config.config_hash)
         return answer
+
+    def deploy(self) -> dict[str, Any]:
+        """Create or update the endpoint now; a function's endpoint also becomes callable
+        over HTTP (``/v2/NAME/run``). A class's cannot be yet: call its methods from Python."""
+        self._deployed_by = None
+        return self._deploy(get_client())
 
     def status(self) -> dict[str, Any]:
         """The endpoint as the control plane sees it: workers, states, health, cost."""
         return self._client().endpoint(self.name)
 
     def _fn_payload(self) -> wire.Payload:
+        """The function (or class) pickled; what cannot be is named by the function's own
+        name, and the endpoint's."""
         _ship_module_by_value(self._target)
-        return wire.dumps(self._target, what=f"function {self.name!r}")
+        kind = "class" if isinstance(self._target, type) else "function"
+        qualname = getattr(self._target, "__qualname__", None) or repr(self._target)
+        try:
+            return wire.dumps(self._target, what=f"{kind} {qualname!r} of endpoint {self.name!r}")
+        except errors.SerializationError as e:
+            raise e from None  # the message quotes the pickler's own complaint
 
     def _submit_call(self, fn: wire.Payload, call: tuple) -> Job:
         client = self._client()
@@ -146,22 +150,14 @@ class RemoteFunction(_Remote):
     def map(
         self, iterable: Iterable[Any], *, timeout: float | None = None, progress: bool = False
     ) -> list[Any]:
-        """Call the function on every item; results in order. ``progress`` shows a counter."""
+        """Call the function on every item; results in order. ``progress`` shows a counter.
+        An item's error is raised as it is, with a note saying which item it was; the
+        other jobs are then cancelled."""
         fn = self._fn_payload()
-        jobs = [self._submit_call(fn, ("call", (x,), {})) for x in iterable]
-        out = []
-        try:
-            for i, j in enumerate(jobs):
-                out.append(j.result(timeout))
-                if progress:
-                    sys.stderr.write(f"\r{self.name}: {i + 1}/{len(jobs)} done")
-            if progress:
-                sys.stderr.write("\n")
-        except BaseException:
-            for j in jobs:
-                j.cancel()
-            raise
-        return out
+        label = getattr(self._target, "__qualname__", self.name)
+        counter = self.name if progress else None
+        return _map(lambda x: self._submit_call(fn, ("call", (x,), {})), iterable, timeout,
+                    f"{label}.map", counter)  # fmt: skip
 
     def local(self, *args: Any, **kwargs: Any) -> Any:
         """Run the undecorated function here, in this process."""
@@ -232,8 +228,54 @@ class RemoteMethod:
         return self.submit(*args, **kwargs).result()
 
     def map(self, iterable: Iterable[Any], *, timeout: float | None = None) -> list[Any]:
-        jobs = [self.submit(x) for x in iterable]
-        return [j.result(timeout) for j in jobs]
+        """Call the method on every item; results in order (errors as for a function's)."""
+        label = f"{self._inst._rc._target.__name__}.{self._name}.map"
+        return _map(self.submit, iterable, timeout, label, None)
+
+
+def _map(
+    submit: Callable[[Any], Job],
+    iterable: Iterable[Any],
+    timeout: float | None,
+    label: str,
+    counter: str | None,
+) -> list[Any]:
+    """Submit one job per item, then collect the results in order. An error is raised as
+    it is (its type kept) with a note naming the item; the other jobs are cancelled."""
+    jobs: list[Job] = []
+    out: list[Any] = []
+    try:
+        for x in iterable:
+            try:
+                jobs.append(submit(x))
+            except Exception as e:
+                sent = f"; the {len(jobs)} sent before it were cancelled" if jobs else ""
+                _note(e, f"(raised by item {len(jobs)} in {label}, counting from 0{sent})")
+                raise
+        n = len(jobs)
+        for i, j in enumerate(jobs):
+            try:
+                out.append(j.result(timeout))
+            except KeyboardInterrupt as e:
+                _note(e, f"(in {label}: its other unfinished jobs were cancelled too)")
+                raise
+            except BaseException as e:
+                _note(e, f"(raised by item {i} of {n} in {label}, counting from 0)")
+                raise
+            if counter:
+                sys.stderr.write(f"\r{counter}: {i + 1}/{n} done")
+        if counter:
+            sys.stderr.write("\n")
+    except BaseException:
+        for j in jobs:
+            j.cancel()
+        raise
+    return out
+
+
+def _note(exc: BaseException, note: str) -> None:
+    if hasattr(exc, "add_note"):  # Python 3.11 and later
+        exc.add_note(note)
 
 
 class Endpoint:

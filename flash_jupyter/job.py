@@ -90,9 +90,35 @@ class Job:
         try:
             outcome = self.wait(timeout)
         except KeyboardInterrupt:
-            self.cancel()
-            raise
+            raise self.interrupted() from None
         return decode(outcome, self.where)
+
+    def interrupted(self) -> KeyboardInterrupt:
+        """After an interrupt of a wait: cancel the job, and the KeyboardInterrupt to raise
+        instead, saying what happened (``cancelled job 1a2b3c4d on endpoint E (worker
+        W)``; ``.job_id``, ``.endpoint``, ``.worker``), shown without our frames."""
+        try:
+            cancelled = "interrupted the wait for" if self.done() else "cancelled"
+            self.cancel()
+        except (errors.ControlPlaneError, OSError):
+            cancelled = "could not cancel"
+        except KeyboardInterrupt:  # pressed again: the cancel may not have gone out
+            cancelled = "may not have cancelled"
+        worker = self._worker()
+        where = f"{self.where} (worker {worker})" if worker else f"{self.where} (not started yet)"
+        exc = KeyboardInterrupt(f"{cancelled} job {self.id[:8]} on {where}")
+        exc.job_id, exc.endpoint, exc.worker = self.id, self.endpoint, worker  # type: ignore[attr-defined]
+        return errors.user_frames_only(exc)  # type: ignore[return-value]
+
+    def _worker(self) -> str | None:
+        """The worker the job ran on, if it had one (asked at most briefly)."""
+        outcome = self._state.outcome
+        if outcome is None:
+            try:
+                outcome = self._client.request({"op": "status", "id": self.id}, timeout=1.0)
+            except (errors.ControlPlaneError, OSError, KeyboardInterrupt):
+                return None
+        return (outcome or {}).get("workerId")
 
     async def result_async(self) -> Any:
         """``result()`` for asyncio: output goes to this process's streams as it arrives;

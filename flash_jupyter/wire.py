@@ -12,8 +12,10 @@ The control plane never unpickles these payloads: it stores and forwards bytes.
 
 from __future__ import annotations
 
+import functools
 import io
 import linecache
+import os
 import pickle
 import sys
 import traceback
@@ -218,13 +220,28 @@ def capture_exception(exc: BaseException, skip_frames: int = 0) -> dict[str, Any
     """Turn a worker-side exception into something the caller can rebuild.
 
     The exception object itself travels when it pickles (its type is then importable or
-    defined in the notebook); its type name, message and traceback always do.
+    defined in the notebook); its type name, message and traceback always do. Each frame
+    also carries what the caller needs to rebuild it as the same code would look there:
+    the function's qualified name, its first line and its parameters (no values).
+    The first ``skip_frames`` frames, and the machinery that leads from them to the user's
+    first frame (flash-jupyter's, asyncio's running a coroutine), are left out.
     """
-    tb = traceback.extract_tb(exc.__traceback__)[skip_frames:]
+    entries = []
+    t = exc.__traceback__
+    while t is not None:
+        entries.append(t)
+        t = t.tb_next
+    skip, machinery = skip_frames, _machinery()
+    while skip < len(entries) - 1 and entries[skip].tb_frame.f_code.co_filename.startswith(
+        machinery
+    ):
+        skip += 1
+    tb = traceback.extract_tb(exc.__traceback__)[skip:]
     frames = [
-        {"filename": f.filename, "lineno": f.lineno or 0, "name": f.name, "line": f.line or ""}
-        for f in tb
-    ]
+        {"filename": f.filename, "lineno": f.lineno or 0, "name": f.name, "line": f.line or "",
+         **_code_shape(e.tb_frame.f_code)}
+        for f, e in zip(tb, entries[skip:], strict=False)
+    ]  # fmt: skip
     text = "".join(traceback.format_list(tb)) + "".join(
         traceback.format_exception_only(type(exc), exc)
     )
@@ -247,8 +264,42 @@ def capture_exception(exc: BaseException, skip_frames: int = 0) -> dict[str, Any
     return info
 
 
+_CO_VARARGS, _CO_VARKEYWORDS = 0x04, 0x08
+
+
+def _machinery() -> tuple[str, ...]:
+    """Where the frames between the worker's job loop and the user's code live: ours, and
+    asyncio's when it runs a coroutine (not imported here: workers start fast)."""
+    mods = (errors, sys.modules.get("asyncio"))
+    return tuple(
+        os.path.dirname(os.path.abspath(m.__file__)) + os.sep
+        for m in mods
+        if getattr(m, "__file__", None)
+    )
+
+
+def _code_shape(code: types.CodeType) -> dict[str, Any]:
+    """What a frame's code looks like from outside: name, first line, parameters."""
+    if code.co_name == "<module>":
+        return {}
+    n = code.co_argcount + code.co_kwonlyargcount
+    varargs, varkw = bool(code.co_flags & _CO_VARARGS), bool(code.co_flags & _CO_VARKEYWORDS)
+    return {
+        "qualname": getattr(code, "co_qualname", code.co_name),
+        "first": code.co_firstlineno,
+        "args": [code.co_posonlyargcount, code.co_argcount, code.co_kwonlyargcount,
+                 int(varargs), int(varkw)],
+        "varnames": list(code.co_varnames[: n + varargs + varkw]),
+    }  # fmt: skip
+
+
 def rebuild_exception(info: dict[str, Any], where: str = "") -> BaseException:
-    """The caller's side of capture_exception: same type where possible, else RemoteError."""
+    """The caller's side of capture_exception: same type where possible, else RemoteError.
+
+    The remote frames become the exception's own traceback, shown like a local one (with
+    source lines from this process's linecache: notebook cells live there); in IPython,
+    without the caller's frames of flash-jupyter. ``where`` (endpoint, worker) is a note.
+    """
     exc: BaseException | None = None
     if info.get("exc") is not None:
         try:
@@ -264,55 +315,136 @@ def rebuild_exception(info: dict[str, Any], where: str = "") -> BaseException:
         exc.remote_frames = frames  # type: ignore[attr-defined]
     except AttributeError:
         pass
-    tb = fake_traceback(frames)
+    tb = fake_traceback(frames) if frames else None
     if tb is not None:
-        # The remote frames become the exception's own traceback: shown like a local one,
-        # with source lines from this process's linecache (notebook cells live there).
         exc = exc.with_traceback(tb)
-        if where and hasattr(exc, "add_note"):
-            exc.add_note(f"(raised remotely: {where})")
-    else:
-        exc.__cause__ = errors.RemoteTraceback(text, where)
-    return exc
+    elif frames:  # frames that could not be rebuilt: their text, quietly
+        _add_note(exc, "remote traceback:\n" + text.rstrip())
+    if where:
+        _add_note(exc, f"(raised remotely: {where})")
+    return errors.user_frames_only(exc)
+
+
+def _add_note(exc: BaseException, note: str) -> None:
+    if hasattr(exc, "add_note"):  # Python 3.11 and later
+        try:
+            exc.add_note(note)
+        except (TypeError, AttributeError):  # __notes__ replaced by something odd
+            pass
 
 
 def fake_traceback(frames: list[dict[str, Any]]) -> types.TracebackType | None:
-    """A real traceback object whose entries name the remote frames (file, line, function).
+    """A real traceback object whose entries are the remote frames.
 
-    Each entry comes from running ``raise`` compiled under that file name and function name,
-    so tools that render tracebacks (IPython's included) show them as if the code had failed
-    here, with source lines from this process's linecache.
+    Each entry is the frame of a stub compiled under the remote file name with the remote
+    function's name, first line and parameters, stopped at the remote line: tools that
+    render tracebacks (IPython's, stack_data's) then show it as they would show the same
+    code failing here: ``in compute()``, ``in helper(a, b)``, the function's lines and
+    the arrow at the failing one, from this process's linecache. Parameters are bound to
+    a placeholder (the remote values stay remote).
     """
     tb = None
     try:
         for f in reversed(frames):
             lineno = max(1, int(f["lineno"]))
-            code = _raise_at(f["filename"], f["name"], lineno)
-            try:
-                exec(code, {"__flash__": _FakeFrame()})
-            except _FakeFrame as e:
-                entry = e.__traceback__.tb_next  # the frame of `code`, not this one
+            entry = _stub_frame(f, lineno)
             tb = types.TracebackType(tb, entry.tb_frame, entry.tb_lasti, lineno)
     except Exception:  # a frame that cannot be faked: keep the text form instead
         return None
     return tb
 
 
+def _stub_frame(f: dict[str, Any], lineno: int) -> types.TracebackType:
+    """The traceback entry of a stub's frame standing for the remote frame ``f``."""
+    g = {"__flash__": _FakeFrame(), "__builtins__": {}}
+    filename, name = str(f["filename"]), str(f["name"])
+    call: Any = None
+    if f.get("args") is not None:
+        try:
+            args = tuple(int(a) for a in f["args"])
+            varnames = tuple(str(v) for v in f["varnames"])
+            qualname = str(f.get("qualname") or name)
+            code = _function_stub(filename, lineno, name, qualname, int(f["first"]), args,
+                                  varnames)  # fmt: skip
+            argcount, kwonly = args[1], args[2]
+            call = types.FunctionType(code, g, name, (_REMOTE,) * argcount)
+            call.__kwdefaults__ = {v: _REMOTE for v in varnames[argcount : argcount + kwonly]}
+        except Exception:  # a shape that does not compile: a plain frame of that name
+            call = None
+    if call is None:
+        call = functools.partial(exec, _raise_at(filename, name, lineno), g)
+    try:
+        call()
+    except _FakeFrame as e:
+        return e.__traceback__.tb_next  # the stub's frame, not this one
+    raise RuntimeError("the stub did not raise")
+
+
+class _Remote:
+    """What a remote frame's parameters hold here."""
+
+    def __repr__(self) -> str:
+        return "<remote>"
+
+
+_REMOTE = _Remote()
+
+
+@functools.lru_cache(maxsize=1024)
+def _function_stub(
+    filename: str, lineno: int, name: str, qualname: str, first: int,
+    args: tuple[int, ...], varnames: tuple[str, ...],
+) -> types.CodeType:  # fmt: skip
+    """A function's code: ``def name(<its parameters>)`` at line ``first`` of
+    ``filename``, raising at line ``lineno``, no column information."""
+    posonly, argcount, kwonly, varargs, varkw = args
+    if len(varnames) != argcount + kwonly + varargs + varkw or lineno < first or first < 1:
+        raise ValueError("frame shape does not add up")
+    ph = [f"_{i}" for i in range(len(varnames))]  # the real names may not be identifiers
+    params = ph[:posonly] + (["/"] if posonly else []) + ph[posonly:argcount]
+    rest = ph[argcount + kwonly :]
+    if varargs:
+        params.append("*" + rest.pop(0))
+    elif kwonly:
+        params.append("*")
+    params += ph[argcount : argcount + kwonly]
+    if varkw:
+        params.append("**" + rest.pop(0))
+    head = "\n" * (first - 1) + f"def _stub({', '.join(params)}):"
+    body = " raise __flash__" if lineno == first else "\n" * (lineno - first) + " raise __flash__"
+    module = compile(head + body, filename, "exec")
+    code = next(c for c in module.co_consts if isinstance(c, types.CodeType))
+    if sys.version_info >= (3, 11):
+        code = code.replace(co_name=name, co_qualname=qualname, co_varnames=varnames)
+        return _no_columns(code)
+    return code.replace(co_name=name, co_varnames=varnames)
+
+
+@functools.lru_cache(maxsize=1024)
 def _raise_at(filename: str, name: str, lineno: int) -> types.CodeType:
-    if sys.version_info < (3, 11):
-        code = compile("\n" * (lineno - 1) + "raise __flash__", filename, "exec")
-        return code.replace(co_name=name)
-    # One instruction range at `lineno` with no column information: renderers then show
-    # the real source line without pointing into it (the columns would be the fake ones).
-    code = compile("raise __flash__", filename, "exec").replace(co_name=name)
-    units = len(code.co_code) // 2
+    code = compile("\n" * (lineno - 1) + "raise __flash__", filename, "exec")
+    code = code.replace(co_name=name)
+    return _no_columns(code) if sys.version_info >= (3, 11) else code
+
+
+def _no_columns(code: types.CodeType) -> types.CodeType:
+    """``code`` with its lines but no column information: renderers then show the real
+    source line without pointing into it (the columns would be the stub's)."""
+    lines = [p[0] for p in code.co_positions()]
     table = bytearray()
-    delta = lineno - code.co_firstlineno
-    while units > 0:
-        n = min(8, units)
-        table.append(0x80 | (13 << 3) | (n - 1))  # 13: "line only, no columns"
-        table += _svarint(delta)
-        delta, units = 0, units - n
+    prev = code.co_firstlineno
+    i = 0
+    while i < len(lines):
+        line, n = lines[i], 1
+        while n < 8 and i + n < len(lines) and lines[i + n] == line:
+            n += 1
+        if line is None:
+            table.append(0x80 | (15 << 3) | (n - 1))  # 15: no location
+        else:
+            table.append(0x80 | (13 << 3) | (n - 1))  # 13: line only, no columns
+            table += _svarint(line - prev)
+            prev = line
+        i += n
     return code.replace(co_linetable=bytes(table))
 
 

@@ -189,7 +189,121 @@ def test_interrupting_the_wait_cancels_the_remote_job(client, name):
     # What a kernel interrupt (the stop button) does: SIGINT to this process.
     threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
     t = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as ei:
         job.result(timeout=20)
     assert time.monotonic() - t < 5
     assert job.status() == "CANCELLED"
+    # It says what happened, and where.
+    worker = job.info()["workerId"]
+    assert str(ei.value) == f"cancelled job {job.id[:8]} on endpoint {name} (worker {worker})"
+    assert (ei.value.job_id, ei.value.endpoint, ei.value.worker) == (job.id, name, worker)
+
+
+def test_remote_frames_are_the_functions_own(client, name):
+    """Each remote frame is rebuilt with the function's name, first line and parameters,
+    so a traceback shows ``in add(a, b, *rest, scale)`` as for the same code failing here."""
+    import inspect
+
+    def inner(v):
+        return 1 / v
+
+    @Endpoint(name=name)
+    def add(a, b, *rest, scale=1, **options):
+        return inner(a - b)
+
+    with pytest.raises(ZeroDivisionError) as ei:
+        add(2, 2)
+    frames = []
+    tb = ei.value.__traceback__
+    while tb is not None:
+        frames.append(tb)
+        tb = tb.tb_next
+    *_, outer, last = frames
+    assert last.tb_frame.f_code.co_qualname == inner.__qualname__
+    assert last.tb_frame.f_code.co_firstlineno == inner.__code__.co_firstlineno
+    assert last.tb_lineno == inner.__code__.co_firstlineno + 1
+    assert outer.tb_frame.f_code.co_qualname == add.__qualname__
+    assert outer.tb_frame.f_code.co_firstlineno == add._target.__code__.co_firstlineno
+    spec = inspect.getargvalues(outer.tb_frame)
+    assert (spec.args, spec.varargs, spec.keywords) == (["a", "b", "scale"], "rest", "options")
+    assert inspect.formatargvalues(*spec, formatvalue=lambda v: "") == (
+        "(a, b, scale, *rest, **options)"
+    )
+
+
+def test_a_remote_error_chains_nothing_of_ours(client, name, monkeypatch):
+    """No ``RemoteTraceback`` the user did not raise: a remote error without frames (here
+    the worker refusing the payload) is the error alone, with a note saying where."""
+    import traceback
+
+    @Endpoint(name=name)
+    def f():
+        return 1
+
+    monkeypatch.setattr(wire, "PY_VERSION", "3.99")
+    with pytest.raises(VersionMismatch) as ei:
+        f()
+    exc = ei.value
+    assert exc.__cause__ is None
+    shown = "".join(traceback.format_exception(exc))
+    assert "RemoteTraceback" not in shown and "Remote traceback" not in shown, shown
+    assert any(f"endpoint {name}" in n for n in exc.__notes__), exc.__notes__
+
+
+def test_an_unpicklable_function_is_named_by_its_own_name(client, name):
+    @Endpoint(name=name)
+    def uses_the_socket():
+        return SOCK.fileno()
+
+    with pytest.raises(SerializationError) as ei:
+        uses_the_socket()
+    msg = str(ei.value)
+    assert "function 'test_an_unpicklable_function_is_named_by_its_own_name.<locals>" in msg
+    assert "uses_the_socket'" in msg and f"endpoint {name!r}" in msg, msg
+    assert ei.value.__cause__ is None and ei.value.__suppress_context__, "one error, not two"
+
+
+def test_a_failed_map_item_is_named(client, name):
+    import pickle
+
+    @Endpoint(name=name)
+    def check(x):
+        if x == 3:
+            raise ValueError(f"bad {x}")
+        return x
+
+    with pytest.raises(ValueError, match="bad 3") as ei:
+        check.map(range(10))
+    assert "(raised by item 3 of 10 in " in ei.value.__notes__[-1], ei.value.__notes__
+    # The exception is still the user's own, and still pickles (notes and all).
+    again = pickle.loads(pickle.dumps(ei.value))
+    assert type(again) is ValueError and again.__notes__ == ei.value.__notes__
+
+    @Endpoint(name=name + "-cls")
+    class Checker:
+        def check(self, x):
+            if x == 1:
+                raise KeyError(x)
+            return x
+
+    with pytest.raises(KeyError) as ei:
+        Checker().check.map([0, 1, 2])
+    assert "(raised by item 1 of 3 in Checker.check.map" in ei.value.__notes__[-1]
+
+    gen = (i for i in range(3))
+    with pytest.raises(SerializationError) as ei:
+        check.map([1, 2, gen])
+    assert "(raised by item 2 in " in ei.value.__notes__[-1], ei.value.__notes__
+
+
+def test_a_remote_coroutine_fails_with_its_own_frames_only(client, name):
+    """Not the frames of the worker's event loop running it."""
+    import asyncio
+
+    @Endpoint(name=name)
+    async def refuse(x):
+        raise ValueError(f"no {x}")
+
+    with pytest.raises(ValueError, match="no 1") as ei:
+        asyncio.run(refuse(1))
+    assert [f["name"] for f in ei.value.remote_frames] == ["refuse"], ei.value.remote_frames

@@ -522,6 +522,35 @@ def test_put_creates_an_endpoint_without_handler(api, name):
     assert api.get("/v1/jobs", params={"endpoint": name}).json() == []
 
 
+def test_http_calls_to_class_and_cell_endpoints_get_advice_that_can_be_followed(client, api, name):
+    """A class has no function to deploy: the refusal says what can be done instead. A name
+    that a class takes over no longer answers HTTP with an older function."""
+
+    @Endpoint(name=name)
+    def f(x=0):
+        return x
+
+    f.deploy()
+    assert api.post(f"/v2/{name}/runsync", json={"input": {"x": 3}}).json()["output"] == 3
+
+    @Endpoint(name=name)
+    class Model:
+        def predict(self, x):
+            return x
+
+    Model.deploy()
+    r = api.post(f"/v2/{name}/runsync", json={"input": {"x": 1}})
+    assert r.status_code == 400, r.text
+    msg = r.json()["error"]
+    assert "serves a class" in msg and "obj.method(...)" in msg and "fn.deploy" not in msg, msg
+
+    client.deploy({"name": name + "-cells"}, changes={}, serves="cells")
+    r = api.post(f"/v2/{name}-cells/runsync", json={"input": {}})
+    assert r.status_code == 400, r.text
+    msg = r.json()["error"]
+    assert "%%flash cells" in msg and "@Endpoint(name=...)" in msg, msg
+
+
 def test_put_rejects_bad_settings(api, name):
     base = {"workers": [0, 1], "idle_timeout": 2}
     cases = [

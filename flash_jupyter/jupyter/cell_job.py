@@ -83,7 +83,8 @@ def plan_cell(
                           names.first_use.get(n, 1))  # fmt: skip
         inputs[n] = v
     opts = {"bound": names.bound, "keep": keep, "out": out, "limit": limit,
-            "filename": filename, "needs_remote": needs_remote, "drop": drop}  # fmt: skip
+            "filename": filename, "needs_remote": needs_remote, "drop": drop,
+            "ack": remote.notes_for(endpoint)}  # fmt: skip
     call = ("cell", session, cell, inputs, opts)
     return CellPlan(endpoint, names, opts, call, remote.affinity(endpoint, needs_remote))
 
@@ -117,11 +118,14 @@ def finish_cell(
     try:
         outcome = job.wait(timeout)
     except KeyboardInterrupt:
-        job.cancel()
-        raise
+        raise job.interrupted() from None  # cancels it; says which job, endpoint, worker
     wid = outcome.get("workerId", "?")
+    incarnation = int(outcome.get("workerIncarnation") or 0)
     where = f"endpoint {endpoint}"
     err = outcome.get("error") or {}
+    if outcome.get("status") in ("COMPLETED", "FAILED") and "workerId" in outcome:
+        # The worker read the notes this cell carried before running it.
+        remote.delivered(endpoint, (wid, incarnation), plan.opts.get("ack") or [])
     if outcome.get("status") == "FAILED" and err.get("type") == "RemoteStateLost":
         remote.forget(endpoint, err.get("worker"), err.get("message", ""))
         raise errors.RemoteStateLost(err.get("message", "remote state lost"), err.get("names"))
@@ -130,17 +134,51 @@ def finish_cell(
     except errors.RemoteStateLost as e:
         remote.forget(endpoint, wid)
         raise errors.RemoteStateLost(f"{e} (on {where}, worker {wid})", e.names) from None
-    home = Home(wid, int(outcome.get("workerIncarnation") or 0), outcome.get("hardware", ""))
+    home = Home(wid, incarnation, outcome.get("hardware", ""))
     old = remote.home.get(endpoint)
     lost = remote.settle(endpoint, home)
     if lost and old is not None:
         verb = "was" if len(lost) == 1 else "were"
         print(f"note: {', '.join(lost)} {verb} lost with worker {old.worker}", file=sys.stderr)
-    remote.take(endpoint, result["values"], result["remote"], ns, fetch)
+    # Each name is loaded on its own: one this kernel cannot rebuild (its module is only on
+    # the worker) stays there as a remote name, and the others still arrive.
+    cell = result.get("cell", "")
+    values: dict[str, Any] = {}
+    stayed = dict(result["remote"])
+    for n, packed in result["values"].items():
+        try:
+            values[n] = wire.loads(*packed)
+        except Exception as e:
+            about = result["about"].get(n) or {}
+            stayed[n] = dict(about, why=why_not_here(e, about), loadable=False)
+            remote.note(endpoint, (wid, incarnation), n, cell, "stays")
+        else:
+            remote.note(endpoint, (wid, incarnation), n, cell, "back")
+    remote.take(endpoint, values, stayed, ns, fetch, cell)
     if "last_remote" in result:
         info = dict(result["last_remote"], mime=result.get("last_mime"))
         return RemoteValue("_", endpoint, home.worker, home.incarnation, home.hardware, info)
-    return result.get("last")
+    if "last" in result:
+        try:
+            return wire.loads(*result["last"])
+        except Exception as e:
+            about = result.get("last_about") or {}
+            info = dict(about, why=why_not_here(e, about), loadable=False)
+            return RemoteValue("_", endpoint, home.worker, home.incarnation, home.hardware, info)
+    return None
+
+
+def why_not_here(e: BaseException, about: dict[str, Any]) -> str:
+    """Why a value sent back by the worker stays there: what loading it here raised."""
+    module = getattr(e, "name", None) if isinstance(e, ImportError) else None
+    if module:
+        if about.get("type") == "module":
+            return f"stays on the worker: this kernel cannot import module {module!r}"
+        return (
+            f"stays on the worker: its type needs module {module!r}, which this kernel "
+            f"cannot import"
+        )
+    return f"stays on the worker: this kernel cannot rebuild it ({type(e).__name__}: {e})"
 
 
 Finish = Callable[[Job, CellPlan, "float | None"], Any]
@@ -188,6 +226,5 @@ class CellJob:
                 if deadline is not None and time.monotonic() > deadline:
                     raise TimeoutError(f"cell {self.id[:8]} not done after {timeout:g} s")
         except KeyboardInterrupt:
-            self.cancel()
-            raise
+            raise self._job.interrupted() from None  # cancels it and says so
         return self._finish(self._job, self._plan, timeout)

@@ -20,49 +20,43 @@ from IPython.core.displayhook import DisplayHook
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
-from .. import errors
+from .. import envvars, errors
 from ..client import get_client
-from ..config import EndpointConfig
+from ..config import (
+    EndpointConfig,
+    Setting,
+    default_endpoint_name,
+    parse_workers_text,
+    settings_from_tokens,
+    settings_help,
+)
 from ..job import Job
+from ..status_text import format_status
 from .cell_job import CellJob, CellPlan, finish_cell, pickle_cell, plan_cell
 from .remote import RemoteValue
 from .remote_names import RemoteNames
 
-DEFAULT_ENDPOINT = "notebook"
-_KEYS = {
-    "gpu", "cpu", "gpu_count", "workers", "idle_timeout", "name", "deps", "dependencies",
-    "env", "timeout", "execution_timeout", "max_concurrency", "limit",
-}  # fmt: skip
+# A magic-only setting: how big a value may be and still come back.
+LIMIT = Setting("limit", None, "int", "bytes: values bigger than this stay on the worker "
+                "(default 64 MiB)", "limit=BYTES")  # fmt: skip
 
 
 def parse_tokens(tokens: list[str]) -> dict[str, Any]:
-    """``k=v`` tokens of a magic line into settings (env=K=V may repeat)."""
-    out: dict[str, Any] = {}
-    for tok in tokens:
-        if "=" not in tok:
-            raise errors.ConfigError(f"expected key=value, got {tok!r} (see %%flash?)")
-        k, v = tok.split("=", 1)
-        k = k.strip().replace("-", "_")
-        if k not in _KEYS:
-            raise errors.ConfigError(f"unknown setting {k!r}; known: {', '.join(sorted(_KEYS))}")
-        if k == "env":
-            ek, sep, ev = v.partition("=")
-            if not sep:
-                raise errors.ConfigError(f"env needs K=V, got {v!r}")
-            out.setdefault("env", {})[ek] = ev
-        elif k in ("deps", "dependencies"):
-            out["dependencies"] = [d for d in v.split(",") if d]
-        elif k == "gpu":
-            out["gpu"] = v.split(",") if "," in v else v
-        elif k in ("gpu_count", "max_concurrency", "limit"):
-            out[k] = int(v)
-        elif k in ("idle_timeout", "timeout", "execution_timeout"):
-            out["execution_timeout" if k == "timeout" else k] = float(v)
-        elif k == "workers":
-            out["workers"] = v
-        else:
-            out[k] = v
-    return out
+    """``k=v`` tokens of a magic line into settings (the endpoint settings and ``limit``)."""
+    return settings_from_tokens(tokens, extra=(LIMIT,))
+
+
+# %flash's commands and their usage (the order is the help's).
+_COMMANDS = {
+    "status": "%flash status",
+    "endpoints": "%flash endpoints",
+    "logs": "%flash logs NAME",
+    "stop": "%flash stop NAME",
+    "scale": "%flash scale NAME MIN,MAX",
+    "warm": "%flash warm NAME",
+    "config": "%flash config [key=value ...]",
+}
+_NEEDS_NAME = {"logs", "stop", "scale", "warm"}
 
 
 def _names(v: str | None) -> list[str] | None:
@@ -75,15 +69,16 @@ class FlashMagics(Magics):
         super().__init__(shell)
         self.defaults: dict[str, Any] = {}
         self.remote = RemoteNames()
-        self.deployed: dict[str, str] = {}  # endpoint -> config hash sent
-        self.used: dict[str, dict[str, Any]] = {}  # endpoint -> settings of its last cell
-        self.session = os.environ.get("JPY_SESSION_NAME") or f"kernel-{os.getpid()}"
+        self.deployed: dict[str, tuple] = {}  # endpoint -> the changes last sent for it
+        self.session = envvars.get("JPY_SESSION_NAME") or f"kernel-{os.getpid()}"
+        self.lost_notes: list[str] = []  # remote names lost since the kernel started, and why
+        self._listening: Any = None  # the client whose state_lost notices we hear
 
     # ------------------------------------------------------------------ %%flash
     @magic_arguments("%flash")  # usage line: "%%flash ..." (the formatter adds one %)
-    @argument("settings", nargs="*", help="key=value: gpu, cpu, gpu_count, workers=MIN,MAX, "
-              "idle_timeout, name, deps=a,b, env=K=V, timeout, max_concurrency, limit (bytes: "
-              "values bigger than this stay on the worker; default 64 MiB)")  # fmt: skip
+    @argument("settings", nargs="*", help="key=value settings; on an endpoint that exists, "
+              "only those given change (the others stay as they are): " + settings_help(
+                  extra=(LIMIT,)))  # fmt: skip
     @argument("--noblock", action="store_true", help="return a handle at once")
     @argument("-o", "--output", default="_flash_job", help="name for the --noblock handle")
     @argument("--out", default=None, help="bring back only these names (a,b)")
@@ -102,12 +97,12 @@ class FlashMagics(Magics):
         """
         __tracebackhide__ = True
         args = parse_argstring(self.flash_cell, line)
-        settings = {**self.defaults, **parse_tokens(args.settings)}
+        settings = parse_tokens(args.settings)
         plan, job = self._submit(cell, settings, args)
         if args.noblock:
-            handle = CellJob(job, plan, self._finish)
-            self.shell.user_ns[args.output] = handle
-            print(f"running as {args.output} (job {job.id[:8]} on {plan.endpoint})")
+            # The notice first, whole: the job's output starts streaming with the handle.
+            print(f"running as {args.output} (job {job.id[:8]} on {plan.endpoint})", flush=True)
+            self.shell.user_ns[args.output] = CellJob(job, plan, self._finish)
             return None
         value = self._finish(job, plan, None)
         if args.local:
@@ -116,11 +111,18 @@ class FlashMagics(Magics):
             return None  # `x;` shows nothing, as in any cell (the names still came back)
         return value
 
-    def _config(self, settings: dict[str, Any]) -> tuple[EndpointConfig, dict[str, Any]]:
-        s = dict(settings)
-        name = s.pop("name", DEFAULT_ENDPOINT)
-        extra = {"limit": s.pop("limit", None)}
-        return EndpointConfig.build(name, **s), extra
+    def _config(self, given: dict[str, Any]) -> tuple[EndpointConfig, dict[str, Any], Any]:
+        """The endpoint a cell runs on, the changes it asks for, and its ``limit``.
+
+        Settings are changes: on an endpoint that exists, what the cell (or the session's
+        defaults) leaves out stays as it is; a new endpoint starts from the defaults. With
+        no name, the name follows the hardware and environment asked for, so notebooks
+        asking for different ones never share (and never rebuild) each other's workers.
+        """
+        changes = {**self.defaults, **given}
+        limit = changes.pop("limit", None)
+        name = changes.pop("name", None) or default_endpoint_name(changes)
+        return EndpointConfig.build(name, **changes), changes, limit
 
     def _cell_filename(self, cell: str) -> str:
         """The cell's source in linecache under IPython's name for it ("Cell In[n]"), so a
@@ -132,33 +134,44 @@ class FlashMagics(Magics):
 
     def _submit(self, cell: str, settings: dict[str, Any], args: Any) -> tuple[CellPlan, Job]:
         __tracebackhide__ = True
-        config, extra = self._config(settings)
+        config, changes, limit = self._config(settings)
         name = config.name
-        self.used[name] = {k: v for k, v in settings.items() if k != "limit"}
         filename = self._cell_filename(cell)
         plan = plan_cell(cell, session=self.session, endpoint=name, ns=self.shell.user_ns,
                          remote=self.remote, filename=filename, keep=_names(args.keep),
-                         out=_names(args.out), limit=extra["limit"])  # fmt: skip
+                         out=_names(args.out), limit=limit)  # fmt: skip
         payload = pickle_cell(plan, filename)
         # Only now, with the cell known to be sendable, create or update the endpoint.
         client = get_client()
-        if self.deployed.get(name) != config.config_hash or name not in client.deployed:
-            client.deploy(config.to_dict())
-            self.deployed[name] = config.config_hash
+        if self._listening is not client:
+            client.on_state_lost.append(self._on_state_lost)
+            self._listening = client
+        sent = tuple(sorted((k, repr(v)) for k, v in changes.items()))
+        if self.deployed.get(name) != sent or name not in client.deployed:
+            client.deploy(config.to_dict(), changes=changes, serves="cells")
+            self.deployed[name] = sent
         state = client.submit(name, None, payload, plan.affinity)
         return plan, Job(state, client, f"endpoint {name}")
+
+    def _on_state_lost(self, notice: dict[str, Any]) -> None:
+        """The control plane says a worker holding remote names went: mark this notebook's
+        proxies lost now (with the reason), not at their next use."""
+        who, reason = notice.get("worker", ""), notice.get("reason", "")
+        mine = (notice.get("names") or {}).get(self.session) or []
+        why = (f"{', '.join(mine) or 'the names of this notebook'} lived on worker {who} "
+               f"(endpoint {notice.get('endpoint')}), which is gone: {reason}; run the cells "
+               f"that define them again")  # fmt: skip
+        gone = self.remote.worker_gone(who, notice.get("incarnation", -1), why)
+        for endpoint, names in gone.items():
+            lost = ", ".join(names)
+            self.lost_notes.append(f"lost {lost} on {endpoint} (worker {who}): {reason}")
 
     def _finish(self, job: Job, plan: CellPlan, timeout: float | None) -> Any:
         __tracebackhide__ = True
         return finish_cell(job, plan, self.remote, self.shell.user_ns, self._fetch, timeout)
 
-    def _settings_of(self, endpoint: str) -> dict[str, Any]:
-        """The settings this notebook last used for an endpoint (so that fetching from it or
-        warming it never redeploys it with other settings)."""
-        return dict(self.used.get(endpoint) or {**self.defaults, "name": endpoint})
-
     def _fetch(self, proxy: RemoteValue) -> Any:
-        settings = {**self._settings_of(proxy.endpoint), "limit": 1 << 62}
+        settings = {"name": proxy.endpoint, "limit": 1 << 62}  # the endpoint as it is
         args = parse_argstring(self.flash_cell, "")
         plan, job = self._submit(proxy.name, settings, args)
         return self._finish(job, plan, None)
@@ -189,19 +202,27 @@ class FlashMagics(Magics):
         scale NAME MIN,MAX | warm NAME | config [key=value ...]"""
         args = parse_argstring(self.flash_line, line)
         cmd, rest = args.command, args.rest
+        if cmd not in _COMMANDS:
+            import difflib
+
+            close = difflib.get_close_matches(cmd, _COMMANDS, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise errors.ConfigError(
+                f"unknown %flash command {cmd!r}; {hint}commands: {', '.join(_COMMANDS)}"
+            )
+        if cmd in _NEEDS_NAME and not rest:
+            raise errors.ConfigError(f"%flash {cmd} needs an endpoint name: {_COMMANDS[cmd]}")
         client = get_client()
         if cmd == "config":
             if rest:
                 new = parse_tokens(rest)
-                self._config({**self.defaults, **new})  # validate before keeping
+                self._config(new)  # validate before keeping
                 self.defaults.update(new)
             print("session defaults for %%flash:", self.defaults or "(none)")
             return None
         if cmd == "status":
-            from ..cli import format_status
-
             print(format_status(client.endpoints(), client.billing()))
-            for line in self.remote.summary():
+            for line in self.remote.summary() + self.lost_notes[-10:]:
                 print(line)
             return None
         if cmd == "endpoints":
@@ -210,8 +231,6 @@ class FlashMagics(Magics):
                 print(f"{e['name']:24} {e['hardware']:12} ready {h['ready']}  running "
                       f"{h['running']}  cost ${e['cost']:.6f}")  # fmt: skip
             return None
-        if not rest:
-            raise errors.ConfigError(f"%flash {cmd} needs an endpoint name")
         name = rest[0]
         if cmd == "logs":
             for entry in client.logs(name):
@@ -220,20 +239,41 @@ class FlashMagics(Magics):
             client.stop(name)
             print(f"stopping {name}: its workers (and any remote state on them) go now")
         elif cmd == "scale":
-            if len(rest) < 2:
-                raise errors.ConfigError("usage: %flash scale NAME MIN,MAX")
-            lo, sep, hi = rest[1].partition(",")
-            wmin, wmax = (int(lo), int(hi)) if sep else (0, int(lo))
+            if len(rest) != 2:
+                raise errors.ConfigError(f"usage: {_COMMANDS['scale']}")
+            try:
+                wmin, wmax = parse_workers_text(rest[1])
+            except errors.ConfigError as e:  # one kind of error for a magic's bad value
+                raise errors.ConfigError(str(e)) from None
             print(client.scale(name, wmin, wmax))
         elif cmd == "warm":
-            settings = self._settings_of(name)
-            plan, job = self._submit("pass", settings, parse_argstring(self.flash_cell, ""))
+            args = parse_argstring(self.flash_cell, "")
+            plan, job = self._submit("pass", {"name": name}, args)
             self._finish(job, plan, None)
             print(f"{name}: a worker is warm")
-        else:
-            raise errors.ConfigError(f"unknown %flash command {cmd!r} (see %flash?)")
         return None
 
 
 def load_ipython_extension(ip: Any) -> None:
     ip.register_magics(FlashMagics)
+    for kind in ("cell", "line"):
+        table = ip.magics_manager.magics[kind]
+        if "flash" in table:
+            table["flash"] = _user_frames_only(table["flash"])
+
+
+def _user_frames_only(magic: Any) -> Any:
+    """The magic, its errors shown with the user's lines only (``errors.at_boundary``):
+    the remote frames, the cell line an error found before sending points at, or just the
+    message; never our frames nor the ``run_cell_magic(...)`` line IPython makes of a cell."""
+    import functools
+
+    @functools.wraps(magic)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return magic(*args, **kwargs)
+        except BaseException as e:
+            errors.at_boundary(e)
+            raise
+
+    return run

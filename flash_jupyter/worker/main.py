@@ -19,7 +19,7 @@ import types
 from collections import OrderedDict
 from typing import Any
 
-from .. import shm, wire
+from .. import envvars, shm, wire
 from ..errors import VersionMismatch
 from ..protocol import SyncConnection
 from .capture import FdCapture, OutputCapture
@@ -76,6 +76,8 @@ class Worker:
                 elif op == "release":
                     if self.spool is not None:
                         self.spool.release(meta["paths"])
+                elif op == "forget":  # notebooks whose kernel ended: free their names
+                    self.inbox.put((meta, bufs))
                 elif op == "exit":
                     self.inbox.put(None)
                     return
@@ -132,6 +134,11 @@ class Worker:
             if item is None:
                 break
             meta, bufs = item
+            if meta.get("op") == "forget":
+                if self.cells is not None:  # between jobs, in order with them
+                    for session in meta.get("sessions") or ():
+                        self.cells.forget(session)
+                continue
             if self.pool is not None:
                 self.pool.submit(self._run_one_threaded, meta, bufs)
                 continue
@@ -319,8 +326,12 @@ def _own_frames(e: BaseException) -> int:
 
 
 def main() -> None:
-    spec = json.loads(os.environ.pop("FLASH_JUPYTER_WORKER"))
-    token = os.environ.pop("FLASH_JUPYTER_WORKER_TOKEN", "")
+    raw = envvars.take("FLASH_JUPYTER_WORKER")
+    if raw is None:
+        raise SystemExit("flash-jupyter worker: FLASH_JUPYTER_WORKER is not set (the control "
+                         "plane starts workers)")  # fmt: skip
+    spec = json.loads(raw)
+    token = envvars.take("FLASH_JUPYTER_WORKER_TOKEN") or ""
     conn = SyncConnection.open(spec["host"], int(spec["port"]))
     if spec.get("spare"):
         # A spare: connected and imported, waiting to be given an endpoint.
