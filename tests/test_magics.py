@@ -391,6 +391,19 @@ def test_lost_remote_state_is_named(kernel, name, http):
     assert kernel.value(f"%%flash name={name}\n6 * 7", timeout=30) == "42"
 
 
+def test_the_notebook_is_told_when_its_remote_state_goes(kernel, name, http):
+    """Not at the next use: the moment its worker stops, the proxy says it is lost, and
+    %flash status says what went and why."""
+    kernel.ok(f"%%flash name={name} --keep m\nm = [1, 2, 3]")
+    [worker] = [w["id"] for w in endpoint(http, name)["workers"] if w["remote_state"]]
+    kernel.ok(f"%flash stop {name}")
+    wait_for(lambda: kernel.value("bool(m.lost)") == "True", what="the state_lost notice")
+    text = kernel.value("repr(m)")
+    assert "lost" in text and worker in text and ".fetch()" not in text, text
+    out = kernel.ok("%flash status").stdout
+    assert f"lost m on {name} (worker {worker})" in out, out
+
+
 def test_a_lost_remote_value_keeps_saying_it_is_lost(kernel, name, http):
     """Once its worker is gone, the proxy left in the notebook says so at every use."""
     kernel.ok(f"%%flash name={name} --keep m\nm = [1, 2, 3]")

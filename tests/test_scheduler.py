@@ -238,6 +238,11 @@ def test_a_job_whose_worker_dies_is_retried_then_fails_with_the_reason(h):
     (done,) = client.frames("done")
     assert done["id"] == job.id and done["status"] == m.FAILED
     assert h.cp.health("deadly")["jobs"]["retried"] == MAX_RETRIES + 1
+    # Never silently: each run again is said in the job's own output (a cell shows it).
+    said = [f["text"] for f in client.frames("out") if f["id"] == job.id]
+    assert len(said) == MAX_RETRIES, said
+    assert all("killed by SIGKILL" in t and "running it again" in t for t in said), said
+    assert f"retry 1 of {MAX_RETRIES}" in said[0], said
 
 
 def test_jobs_only_waiting_on_a_dead_worker_go_back_without_a_retry(h):
