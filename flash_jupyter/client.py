@@ -260,7 +260,7 @@ class Client:
         if op == "done":
             job = self.jobs.get(meta["id"])
             if job is None:
-                shm.discard([tuple(r) for r in meta.get("refs", []) if not isinstance(r, int)])
+                shm.discard(shm.from_refs(meta.get("refs", []), bufs))
                 return
             if "refs" in meta:
                 meta["blobs"] = [shm.open_blob(r, bufs, self._releaser) for r in meta["refs"]]
@@ -407,7 +407,7 @@ class Client:
         ``affinity``: run on this worker (its notebook state is there)."""
         jid = os.urandom(16).hex()
         blobs = shm.blobs_for(call.data, call.buffers, self.spool)
-        files = [b[1] for b in blobs[1:] if isinstance(b, tuple)]
+        files = [f.path for f in shm.spool_refs(blobs)]
         for f in files:
             self._file_job[f] = jid
         meta: dict[str, Any] = {"op": "submit", "id": jid, "ep": endpoint, "c": call.codec,
@@ -435,7 +435,7 @@ class Client:
             full_meta["fnc"] = fn.codec
             full_meta["fnrefs"] = list(range(len(bufs), len(bufs) + 1 + len(fn.buffers)))
             full_bufs += [fn.data, *fn.buffers]
-        inline = sum(memoryview(b).nbytes for b in full_bufs if not isinstance(b, tuple))
+        inline = sum(memoryview(b).nbytes for b in full_bufs)  # spool files are not here
         limit = self.welcome.get("max_frame")
         if limit and inline > limit:
             shm.discard(blobs)

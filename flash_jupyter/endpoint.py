@@ -109,26 +109,38 @@ class _Remote:
         except errors.SerializationError as e:
             raise e from None  # the message quotes the pickler's own complaint
 
-    def _submit_call(self, fn: wire.Payload, call: tuple) -> Job:
+    def _submit_call(self, fn: wire.Payload, call: wire.Call | wire.MethodCall) -> Job:
         client = self._client()
         try:
-            payload = wire.dumps(call, what="argument")
+            payload = wire.dumps_call(call, what="argument")
         except errors.SerializationError as e:
             raise errors.SerializationError(_name_argument(str(e), call)) from None
         state = client.submit(self.name, fn, payload)
         return Job(state, client, f"endpoint {self.name}")
 
 
-def _name_argument(msg: str, call: tuple) -> str:
-    # "argument[1][0]" -> "argument 0"; "argument[2]['k']" -> "keyword argument 'k'"
+# The call's fields that hold the caller's arguments, and how a message names them.
+_ARGUMENT_FIELDS = {
+    "args": "argument",
+    "kwargs": "keyword argument",
+    "init_args": "constructor argument",
+    "init_kwargs": "constructor keyword argument",
+}
+
+
+def _name_argument(msg: str, call: wire.Call | wire.MethodCall) -> str:
+    # wire.dumps_call names the culprit by its place in the pickled call: for a Call,
+    # "argument[1][0]" -> "argument 0" and "argument[2]['k']" -> "keyword argument 'k'".
     import re
 
-    m = re.match(r"cannot send argument\[(1|2)\]\[([^\]]+)\]", msg)
+    m = re.match(r"cannot send argument\[(\d+)\]\[([^\]]+)\]", msg)
     if not m:
         return msg
-    which, idx = m.groups()
-    label = f"argument {idx}" if which == "1" else f"keyword argument {idx}"
-    return msg.replace(f"argument[{which}][{idx}]", label, 1)
+    pos, idx = m.groups()
+    label = _ARGUMENT_FIELDS.get(wire.call_field(call, int(pos)) or "")
+    if label is None:
+        return msg
+    return msg.replace(f"argument[{pos}][{idx}]", f"{label} {idx}", 1)
 
 
 class RemoteFunction(_Remote):
@@ -145,7 +157,7 @@ class RemoteFunction(_Remote):
         return self.submit(*args, **kwargs).result()
 
     def submit(self, *args: Any, **kwargs: Any) -> Job:
-        return self._submit_call(self._fn_payload(), ("call", args, kwargs))
+        return self._submit_call(self._fn_payload(), wire.Call(args, kwargs))
 
     def map(
         self, iterable: Iterable[Any], *, timeout: float | None = None, progress: bool = False
@@ -156,7 +168,7 @@ class RemoteFunction(_Remote):
         fn = self._fn_payload()
         label = getattr(self._target, "__qualname__", self.name)
         counter = self.name if progress else None
-        return _map(lambda x: self._submit_call(fn, ("call", (x,), {})), iterable, timeout,
+        return _map(lambda x: self._submit_call(fn, wire.Call((x,), {})), iterable, timeout,
                     f"{label}.map", counter)  # fmt: skip
 
     def local(self, *args: Any, **kwargs: Any) -> Any:
@@ -221,7 +233,7 @@ class RemoteMethod:
 
     def submit(self, *args: Any, **kwargs: Any) -> Job:
         i = self._inst
-        call = ("method", i._key, i._args, i._kwargs, self._name, args, kwargs)
+        call = wire.MethodCall(i._key, i._args, i._kwargs, self._name, args, kwargs)
         return i._rc._submit_call(i._rc._fn_payload(), call)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

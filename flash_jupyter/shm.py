@@ -22,12 +22,36 @@ import shutil
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
 
 SHM_MIN = 1 << 20
 KEEP_FREE_BYTES = 1 << 30  # recycled files kept ready per writer
 MAX_LENT = 256  # files out on loan before the oldest is given up (unlinked)
+SHM = "shm"  # the kind of every SpoolRef
+
+
+class SpoolRef(NamedTuple):
+    """A buffer written to a spool file: ``size`` bytes at the start of ``path``.
+
+    Frame metadata may only hold plain data (the wire's unpickler refuses every class), so
+    a reference travels as the plain list ``["shm", path, size]`` (``to_refs``) and is
+    rebuilt with ``from_wire`` on arrival.
+    """
+
+    kind: str
+    path: str
+    size: int
+
+    @classmethod
+    def from_wire(cls, ref: Any) -> SpoolRef:
+        """The reference a frame carried as a plain sequence; ValueError if it is not one."""
+        if not (isinstance(ref, (list, tuple)) and len(ref) == 3 and ref[0] == SHM):
+            raise ValueError("a blob reference is neither a buffer index nor a spool file")
+        _, path, size = ref
+        if not isinstance(path, str) or type(size) is not int or size < 0:
+            raise ValueError("a spool file reference needs a path and a size")
+        return cls(SHM, path, size)
 
 
 class Spool:
@@ -55,7 +79,7 @@ class Spool:
             self._seq += 1
             return os.path.join(self.dir, f"{os.getpid()}-{self._seq}"), 0
 
-    def write(self, buf: memoryview) -> tuple[str, str, int]:
+    def write(self, buf: memoryview) -> SpoolRef:
         n = buf.nbytes
         path, size = self._take(n)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
@@ -71,7 +95,7 @@ class Spool:
             while len(self._lent) > MAX_LENT:
                 old, _ = self._lent.popitem(last=False)
                 _unlink(old)
-        return ("shm", path, n)
+        return SpoolRef(SHM, path, n)
 
     def release(self, paths: list[str]) -> None:
         """Readers are done with these files: keep them for rewriting (up to a budget)."""
@@ -136,7 +160,7 @@ class Releaser:
 
 
 def blobs_for(data: bytes, buffers: list[memoryview], spool: Spool | None) -> list[Any]:
-    """The pickle stream and its buffers as wire blobs: inline, or ("shm", path, n)."""
+    """The pickle stream and its buffers as wire blobs: inline, or a SpoolRef."""
     out: list[Any] = [data]
     for b in buffers:
         if spool is not None and b.nbytes >= SHM_MIN:
@@ -147,26 +171,28 @@ def blobs_for(data: bytes, buffers: list[memoryview], spool: Spool | None) -> li
 
 
 def open_blob(ref: Any, frame_bufs: list[Any], releaser: Releaser | None = None) -> Any:
-    """A readable buffer for one blob reference (an index into the frame, or a shm file)."""
+    """A readable buffer for one blob reference from a frame (an index into the frame, or a
+    spool file as a plain ``["shm", path, size]``)."""
     if isinstance(ref, int):
         return frame_bufs[ref]
-    _, path, n = ref
-    fd = os.open(path, os.O_RDONLY)
+    f = SpoolRef.from_wire(ref)
+    fd = os.open(f.path, os.O_RDONLY)
     try:
-        mm = mmap.mmap(fd, n, access=mmap.ACCESS_COPY)
+        mm = mmap.mmap(fd, f.size, access=mmap.ACCESS_COPY)
     finally:
         os.close(fd)
     if releaser is not None:
-        releaser.watch(mm, path)
+        releaser.watch(mm, f.path)
     return mm
 
 
 def to_refs(blobs: list[Any], bufs: list[Any]) -> list[Any]:
     """Describe blobs for a frame: an index into the frame's buffers (appending the blob to
-    ``bufs``), or a shm file as ["shm", path, n]."""
+    ``bufs``), or a spool file as the plain list ["shm", path, size] (frame metadata holds
+    no classes)."""
     refs: list[Any] = []
     for b in blobs:
-        if isinstance(b, tuple):
+        if isinstance(b, SpoolRef):
             refs.append(list(b))
         else:
             refs.append(len(bufs))
@@ -175,8 +201,20 @@ def to_refs(blobs: list[Any], bufs: list[Any]) -> list[Any]:
 
 
 def from_refs(refs: list[Any], bufs: list[Any]) -> list[Any]:
-    """The inverse of to_refs, without mapping anything (the control plane's view)."""
-    return [bufs[r] if isinstance(r, int) else tuple(r) for r in refs]
+    """The inverse of to_refs, without mapping anything (the control plane's view): frame
+    buffers, and SpoolRefs rebuilt from their plain form."""
+    return [bufs[r] if isinstance(r, int) else SpoolRef.from_wire(r) for r in refs]
+
+
+def spool_refs(blobs: Iterable[Any]) -> list[SpoolRef]:
+    """The spool files among blobs."""
+    return [b for b in blobs if isinstance(b, SpoolRef)]
+
+
+def stored_blobs(blobs: list[Any]) -> list[Any]:
+    """Blobs as a store kept them: SpoolRefs, or plain tuples from before there was a
+    SpoolRef, rebuilt (inline buffers are bytes, never tuples)."""
+    return [SpoolRef.from_wire(b) if isinstance(b, tuple) else b for b in blobs]
 
 
 def writer_of(path: str) -> str:
@@ -184,11 +222,17 @@ def writer_of(path: str) -> str:
     return os.path.basename(os.path.dirname(path))
 
 
-def discard(blobs: list[Any]) -> None:
-    """Remove shm files of blobs that will never be read."""
+def discard(blobs: Iterable[Any]) -> None:
+    """Remove the spool files of blobs that will never be read."""
     for b in blobs:
-        if isinstance(b, (tuple, list)) and b and b[0] == "shm":
-            _unlink(b[1])
+        if isinstance(b, SpoolRef):
+            _unlink(b.path)
+
+
+def remove(paths: Iterable[str]) -> None:
+    """Remove spool files by path."""
+    for p in paths:
+        _unlink(p)
 
 
 def _unlink(path: str) -> None:

@@ -38,7 +38,7 @@ class CellPlan:
     endpoint: str
     names: cellcode.CellNames
     opts: dict[str, Any]
-    call: tuple
+    call: wire.CellCall
     affinity: dict[str, Any] | None
 
 
@@ -85,7 +85,7 @@ def plan_cell(
     opts = {"bound": names.bound, "keep": keep, "out": out, "limit": limit,
             "filename": filename, "needs_remote": needs_remote, "drop": drop,
             "ack": remote.notes_for(endpoint)}  # fmt: skip
-    call = ("cell", session, cell, inputs, opts)
+    call = wire.CellCall(session, cell, inputs, opts)
     return CellPlan(endpoint, names, opts, call, remote.affinity(endpoint, needs_remote))
 
 
@@ -93,9 +93,9 @@ def pickle_cell(plan: CellPlan, filename: str) -> wire.Payload:
     """The cell's call, pickled; an input that cannot travel is named at its first use."""
     __tracebackhide__ = True
     try:
-        return wire.dumps(plan.call, what="cell")
+        return wire.dumps_call(plan.call, what="cell")
     except errors.SerializationError as e:
-        for n, v in plan.call[3].items():
+        for n, v in plan.call.inputs.items():
             try:
                 wire.dumps(v, what=f"notebook variable {n!r}")
             except errors.SerializationError as named:

@@ -29,6 +29,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from .. import shm
 from ..config import EndpointConfig
 from ..errors import ConfigError
 from ..providers.base import Allocation, PlacementError, Provider
@@ -527,6 +528,11 @@ def _job_from_row(row: dict[str, Any]) -> m.Job:
     for k in ("status", "started", "finished", "worker_id", "retries", "cold", "cold_start_ms",
               "result", "error", "cost"):  # fmt: skip
         setattr(job, k, row[k])
+    # Spool files are stored as SpoolRefs; rows written before there was one hold tuples.
+    for part in (job.body, job.result):
+        for k in ("blobs", "fn_blobs"):
+            if part and part.get(k):
+                part[k] = shm.stored_blobs(part[k])
     return job
 
 

@@ -20,17 +20,14 @@ class SpoolKeeper:
     def _drop_inputs(self, job: m.Job) -> None:
         # A connected writer recycles its files when the worker releases them; files of a
         # writer that is gone are nobody's: remove them.
-        for b in self._shm_inputs(job):
-            if shm.writer_of(b[1]) not in self.writers:
-                shm.discard([b])
+        for f in self._shm_inputs(job):
+            if shm.writer_of(f.path) not in self.writers:
+                shm.discard([f])
 
     @staticmethod
-    def _shm_inputs(job: m.Job) -> list[tuple]:
+    def _shm_inputs(job: m.Job) -> list[shm.SpoolRef]:
         return [
-            b
-            for part in ("blobs", "fn_blobs")
-            for b in job.body.get(part) or ()
-            if isinstance(b, tuple) and b and b[0] == "shm"
+            f for part in ("blobs", "fn_blobs") for f in shm.spool_refs(job.body.get(part) or ())
         ]
 
     def route_release(self, paths: list[str]) -> None:
@@ -43,7 +40,7 @@ class SpoolKeeper:
             if conn is not None:
                 conn.send({"op": "release", "paths": ps})
             else:
-                shm.discard([("shm", p, 0) for p in ps])
+                shm.remove(ps)
 
     def writer_gone(self, writer: str) -> None:
         """A connection that wrote spool files closed. Files still to be read stay (a
@@ -60,7 +57,7 @@ class SpoolKeeper:
         for n in names:
             p = os.path.join(folder, n)
             if p not in needed:
-                shm.discard([("shm", p, 0)])
+                shm.remove([p])
         if not needed:
             try:
                 os.rmdir(folder)
@@ -70,14 +67,14 @@ class SpoolKeeper:
     def _needed_files(self) -> set[str]:
         """Spool files still to be read: inputs of unfinished jobs, undelivered results."""
         needed = {
-            b[1]
+            f.path
             for j in self.jobs.values()
             if j.status not in m.TERMINAL
-            for b in self._shm_inputs(j)
+            for f in self._shm_inputs(j)
         }
         for j in self.jobs.values():
             if j.result is not None and not j.delivered:
-                needed.update(b[1] for b in j.result.get("blobs") or () if isinstance(b, tuple))
+                needed.update(f.path for f in shm.spool_refs(j.result.get("blobs") or ()))
         return needed
 
     def clean_spool(self) -> None:
@@ -93,7 +90,7 @@ class SpoolKeeper:
             for n in os.listdir(folder) if os.path.isdir(folder) else ():
                 p = os.path.join(folder, n)
                 if p not in needed:
-                    shm.discard([("shm", p, 0)])
+                    shm.remove([p])
             try:
                 os.rmdir(folder)
             except OSError:

@@ -292,17 +292,17 @@ class Connection:
         return shm.from_refs(refs, bufs)
 
     def own_spool_file(self, ref: Any, writer: str | None) -> bool:
-        if not (isinstance(ref, (list, tuple)) and len(ref) == 3 and ref[0] == "shm"):
+        """``ref``, as a frame carries it (a plain ``["shm", path, size]``), names a file
+        in this peer's own spool folder."""
+        try:
+            f = shm.SpoolRef.from_wire(ref)  # checks the shape, the path's and size's types
+        except ValueError:
             return False
-        path, n = ref[1], ref[2]
         return (
             writer is not None
             and self.cp.spool is not None
-            and isinstance(path, str)
-            and type(n) is int
-            and n >= 0
-            and os.path.dirname(path) == os.path.join(self.cp.spool, writer)
-            and _plain_name(os.path.basename(path))
+            and os.path.dirname(f.path) == os.path.join(self.cp.spool, writer)
+            and _plain_name(os.path.basename(f.path))
         )
 
     def spool_paths(self, paths: Any) -> list[str]:

@@ -237,15 +237,15 @@ class Worker:
                     ) from None
                 return {"op": "done", "id": jid, "ok": True, "output": value}, []
             blobs = [shm.open_blob(r, bufs, self.releaser) for r in meta["refs"]]
-            call = wire.loads(blobs[0], blobs[1:], meta.get("c", "cloudpickle"))
+            call = wire.loads_call(blobs[0], blobs[1:], meta.get("c", "cloudpickle"))
             value = self._settle(self._invoke(fn, meta.get("fn"), call), jid, stream=False)
             payload = wire.dumps(value, what="the return value")
             out_bufs: list[Any] = []
             spool = None if meta.get("noshm") else self.spool  # a caller on another host
             refs = shm.to_refs(shm.blobs_for(payload.data, payload.buffers, spool), out_bufs)
             done = {"op": "done", "id": jid, "ok": True, "c": payload.codec, "refs": refs}
-            if call[0] == "cell" and self.cells is not None:
-                done["state"] = {call[1]: self.cells.state(call[1])}
+            if type(call) is wire.CellCall and self.cells is not None:
+                done["state"] = {call.session: self.cells.state(call.session)}
             return done, out_bufs
         except Cancelled:
             raise
@@ -270,28 +270,25 @@ class Worker:
             if p not in sys.path:
                 sys.path.append(p)  # after installed packages: never shadow them
 
-    def _invoke(self, fn: Any, h: str | None, call: tuple) -> Any:
-        if call[0] == "cell":
-            # ("cell", session, code, inputs, options): a %%flash cell in its notebook's
-            # namespace here.
-            _, session, code, inputs, opts = call
+    def _invoke(self, fn: Any, h: str | None, call: wire.JobCall) -> Any:
+        kind = type(call)
+        if kind is wire.Call:
+            return fn(*call.args, **call.kwargs)
+        if kind is wire.MethodCall:  # class endpoints: one instance per key here
+            inst_key = (h or repr(id(fn)), call.key)
+            inst = self.instances.get(inst_key)
+            if inst is None:
+                inst = fn(*call.init_args, **call.init_kwargs)
+                self.instances[inst_key] = inst
+            return getattr(inst, call.method)(*call.args, **call.kwargs)
+        if kind is wire.CellCall:  # a %%flash cell, in its notebook's namespace here
             if self.cells is None:
                 from .cells import Cells
 
                 self.cells = Cells(self._publish_display)
-            self._cell_session = session
-            return self.cells.run(session, code, inputs, opts)
-        if call[0] == "call":
-            _, args, kwargs = call
-            return fn(*args, **kwargs)
-        # ("method", init_key, init_args, init_kwargs, name, args, kwargs): class endpoints
-        _, key, iargs, ikwargs, name, args, kwargs = call
-        inst_key = (h or repr(id(fn)), key)
-        inst = self.instances.get(inst_key)
-        if inst is None:
-            inst = fn(*iargs, **ikwargs)
-            self.instances[inst_key] = inst
-        return getattr(inst, name)(*args, **kwargs)
+            self._cell_session = call.session
+            return self.cells.run(call.session, call.code, call.inputs, call.opts)
+        raise TypeError(f"not a job payload: {kind.__module__}.{kind.__qualname__}")
 
     def _settle(self, value: Any, jid: str, stream: bool) -> Any:
         if hasattr(value, "__await__"):
