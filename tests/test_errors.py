@@ -100,14 +100,20 @@ SOCK = socket.socket()
 
 
 def test_unpicklable_global_named(client, name):
+    """The global and its type are named, and so is the function itself (by its own name,
+    not the endpoint's) with its endpoint."""
+
     @Endpoint(name=name)
-    def uses_global():
+    def uses_the_socket():
         return SOCK.fileno()
 
     with pytest.raises(SerializationError) as ei:
-        uses_global()
+        uses_the_socket()
     msg = str(ei.value)
     assert "'SOCK'" in msg and "socket" in msg
+    assert "function 'test_unpicklable_global_named.<locals>" in msg
+    assert "uses_the_socket'" in msg and f"endpoint {name!r}" in msg, msg
+    assert ei.value.__cause__ is None and ei.value.__suppress_context__, "one error, not two"
 
 
 def test_version_mismatch_is_one_plain_sentence(client, name, monkeypatch):
@@ -248,19 +254,6 @@ def test_a_remote_error_chains_nothing_of_ours(client, name, monkeypatch):
     shown = "".join(traceback.format_exception(exc))
     assert "RemoteTraceback" not in shown and "Remote traceback" not in shown, shown
     assert any(f"endpoint {name}" in n for n in exc.__notes__), exc.__notes__
-
-
-def test_an_unpicklable_function_is_named_by_its_own_name(client, name):
-    @Endpoint(name=name)
-    def uses_the_socket():
-        return SOCK.fileno()
-
-    with pytest.raises(SerializationError) as ei:
-        uses_the_socket()
-    msg = str(ei.value)
-    assert "function 'test_an_unpicklable_function_is_named_by_its_own_name.<locals>" in msg
-    assert "uses_the_socket'" in msg and f"endpoint {name!r}" in msg, msg
-    assert ei.value.__cause__ is None and ei.value.__suppress_context__, "one error, not two"
 
 
 def test_a_failed_map_item_is_named(client, name):

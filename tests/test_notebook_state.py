@@ -16,12 +16,10 @@ import ast
 import pickle
 import re
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import Server
 
 from flash_jupyter import wire
 from flash_jupyter.jupyter import cellcode
@@ -179,25 +177,12 @@ def test_notes_reach_the_worker_they_are_for():
 pytest.importorskip("ipykernel")
 pytest.importorskip("jupyter_client")
 
+import notebook_kernel as nk  # noqa: E402
 from kernel import Kernel  # noqa: E402 - after the skips: it needs jupyter_client
-from test_magics import endpoint, start_kernel  # noqa: E402
+from notebook_kernel import endpoint  # noqa: E402
 
-
-@pytest.fixture(scope="module")
-def kernel(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kernel]:
-    k = start_kernel(server, tmp_path_factory.mktemp("kernel"))
-    yield k
-    k.shutdown()
-
-
-@pytest.fixture
-def http(server: Server, name: str) -> Iterator:
-    """The control plane's HTTP API; the test's endpoints are stopped afterwards."""
-    with server.http() as c:
-        yield c
-        for ep in c.get("/v1/endpoints").json():
-            if ep["name"].startswith(name):
-                c.post(f"/v1/endpoints/{ep['name']}/stop")
+# The shared kernel fixtures: pytest finds them as this module's attributes.
+kernel, http, _stop_endpoints = nk.kernel, nk.http, nk._stop_endpoints
 
 
 def session_of(kernel: Kernel) -> str:

@@ -5,29 +5,19 @@ front end would render it (ANSI colours stripped)."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 
 import pytest
-from conftest import Server, wait_for
+from conftest import wait_for
 
 pytest.importorskip("ipykernel")
 pytest.importorskip("jupyter_client")
 
+import notebook_kernel as nk
 from kernel import Kernel, Result  # after the skips: it needs jupyter_client
-from test_magics import _stop_endpoints, jobs, start_kernel  # noqa: F401 - an autouse fixture
+from notebook_kernel import jobs
 
-
-@pytest.fixture(scope="module")
-def kernel(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kernel]:
-    k = start_kernel(server, tmp_path_factory.mktemp("kernel"))
-    yield k
-    k.shutdown()
-
-
-@pytest.fixture
-def http(server: Server):
-    with server.http() as c:
-        yield c
+# The shared kernel fixtures: pytest finds them as this module's attributes.
+kernel, http, _stop_endpoints = nk.kernel, nk.http, nk._stop_endpoints
 
 
 def nothing_of_ours(r: Result) -> str:

@@ -212,7 +212,6 @@ class FlashMagics(Magics):
             )
         if cmd in _NEEDS_NAME and not rest:
             raise errors.ConfigError(f"%flash {cmd} needs an endpoint name: {_COMMANDS[cmd]}")
-        client = get_client()
         if cmd == "config":
             if rest:
                 new = parse_tokens(rest)
@@ -220,6 +219,14 @@ class FlashMagics(Magics):
                 self.defaults.update(new)
             print("session defaults for %%flash:", self.defaults or "(none)")
             return None
+        if cmd == "scale":  # checked before anything is started
+            if len(rest) != 2:
+                raise errors.ConfigError(f"usage: {_COMMANDS['scale']}")
+            try:
+                wmin, wmax = parse_workers_text(rest[1])
+            except errors.ConfigError as e:  # one kind of error for a magic's bad value
+                raise errors.ConfigError(str(e)) from None
+        client = get_client()
         if cmd == "status":
             print(format_status(client.endpoints(), client.billing()))
             for line in self.remote.summary() + self.lost_notes[-10:]:
@@ -239,12 +246,6 @@ class FlashMagics(Magics):
             client.stop(name)
             print(f"stopping {name}: its workers (and any remote state on them) go now")
         elif cmd == "scale":
-            if len(rest) != 2:
-                raise errors.ConfigError(f"usage: {_COMMANDS['scale']}")
-            try:
-                wmin, wmax = parse_workers_text(rest[1])
-            except errors.ConfigError as e:  # one kind of error for a magic's bad value
-                raise errors.ConfigError(str(e)) from None
             print(client.scale(name, wmin, wmax))
         elif cmd == "warm":
             args = parse_argstring(self.flash_cell, "")
