@@ -7,11 +7,27 @@ them says which list it came from.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
 PRICES_AS_OF = "2026-01"
 CURRENCY = "USD"
+
+
+def money(x: float | None) -> str:
+    """US dollars as a person reads them: $1,234.50, $0.25, and two significant digits below
+    a dollar ($0.012, $0.000019), never an exponent. None: "-"."""
+    if x is None:
+        return "-"
+    x = float(x)
+    if x == 0 or not math.isfinite(x):
+        return "$0" if x == 0 else f"${x}"
+    if abs(x) >= 1:
+        return f"${x:,.2f}"
+    digits = max(2, 1 - math.floor(math.log10(abs(x))))
+    text = f"{x:.{digits}f}"
+    return "$" + (text.rstrip("0") if digits > 2 else text)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ flash-jupyter status [NAME]                                      endpoints, work
 flash-jupyter logs NAME [--tail N]
 flash-jupyter scale NAME MIN,MAX | stop NAME | delete NAME
 flash-jupyter billing
+flash-jupyter budget [LIMIT|off] [--endpoint NAME]                the spending guard
 flash-jupyter build --deps a,b                                   prebuild an environment
 """
 
@@ -21,7 +22,7 @@ import time
 from typing import Any
 
 from . import __version__, envvars, paths
-from .status_text import format_status
+from .status_text import format_budget, format_status, parse_budget
 
 
 def _client() -> Any:
@@ -64,6 +65,15 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("delete", help="delete an endpoint (cancels its queue)")
     s.add_argument("name")
     sub.add_parser("billing", help="what has been billed, per endpoint")
+    s = sub.add_parser(
+        "budget",
+        help="show or set the spending limit of the session (or of one endpoint)",
+        description="Without LIMIT: show the budget. LIMIT in US dollars sets it; off clears "
+        "it. At the limit new jobs are refused, running ones finish, idle workers stop.",
+    )
+    s.add_argument("limit", nargs="?", help="US dollars (e.g. 2.50), or off")
+    s.add_argument("--endpoint", help="the limit of this endpoint instead of the session's")
+    s.add_argument("--json", action="store_true")
     s = sub.add_parser("build", help="build a dependency environment ahead of time")
     s.add_argument("--deps", required=True, help="comma-separated pip requirements")
     a = p.parse_args(argv)
@@ -148,6 +158,12 @@ def _run(a: argparse.Namespace) -> int:
         print(f"environment ready in {time.monotonic() - t:.1f} s: {py}")
         return 0
 
+    if a.cmd == "budget" and a.limit is not None:  # checked before connecting
+        try:
+            limit = parse_budget(a.limit)
+        except ValueError as e:
+            print(f"flash-jupyter: {e}", file=sys.stderr)
+            return 2
     if a.cmd == "scale":  # checked before connecting: "N" means (0, N), as workers=N does
         from .config import WorkersTextError, parse_workers_text
 
@@ -174,6 +190,9 @@ def _run(a: argparse.Namespace) -> int:
         print(json.dumps(c.delete(a.name)))
     elif a.cmd == "billing":
         print(json.dumps(c.billing(), indent=2))
+    elif a.cmd == "budget":
+        view = c.set_budget(limit, a.endpoint) if a.limit is not None else c.budget()
+        print(json.dumps(view, indent=2) if a.json else format_budget(view, a.endpoint))
     return 0
 
 

@@ -272,6 +272,10 @@ class Client:
                     job.sink(meta["stream"], meta["text"])
                 else:
                     job.events.put(("out", (meta["stream"], meta["text"])))
+        elif op == "progress":  # asked for with submit(progress=True)
+            job = self.jobs.get(meta["id"])
+            if job is not None:
+                job.events.put(("progress", meta))
         elif op == "display":
             job = self.jobs.get(meta["id"])
             if job is not None:
@@ -402,9 +406,13 @@ class Client:
         fn: wire.Payload | None,
         call: wire.Payload,
         affinity: dict[str, Any] | None = None,
+        progress: bool = False,
     ) -> JobState:
         """Queue one call. ``fn`` None: the call needs no function (a notebook cell).
-        ``affinity``: run on this worker (its notebook state is there)."""
+        ``affinity``: run on this worker (its notebook state is there). ``progress``: the
+        control plane reports each change of where the job stands (queued, cold start and
+        its phase, running) as ``("progress", meta)`` in ``JobState.events``; without it
+        nothing extra is sent."""
         jid = os.urandom(16).hex()
         blobs = shm.blobs_for(call.data, call.buffers, self.spool)
         files = [f.path for f in shm.spool_refs(blobs)]
@@ -418,6 +426,8 @@ class Client:
             meta["noshm"] = True  # results must come back inline: we cannot map their files
         if affinity:
             meta["affinity"] = affinity
+        if progress:
+            meta["progress"] = 1
         bufs: list[Any] = []
         meta["refs"] = shm.to_refs(blobs, bufs)
         h = _fn_hash(fn) if fn is not None else None
@@ -486,6 +496,8 @@ class Client:
                 msg = r.json().get("error", r.text)
             except ValueError:
                 msg = r.text
+            if r.status_code == 402:  # the spending guard: its message says what to do
+                raise errors.BudgetExceeded(msg)
             raise errors.ControlPlaneError(f"{method} {path}: {r.status_code} {msg}")
         return r.json()
 
@@ -513,6 +525,26 @@ class Client:
 
     def billing(self) -> dict[str, Any]:
         return self._call("GET", "/v1/billing")
+
+    def warm(self, name: str, workers: int = 1) -> dict[str, Any]:
+        """Start up to ``workers`` workers now (at most the endpoint's max), without a job;
+        they stay warm ``idle_timeout`` once ready. The endpoint view."""
+        return self._call("POST", f"/v1/endpoints/{name}/warm", json={"workers": workers})
+
+    def purge_queue(self, name: str) -> dict[str, Any]:
+        """Cancel every job still queued on the endpoint: ``{"removed": n, ...}``."""
+        return self._call("POST", f"/v2/{name}/purge-queue")
+
+    def budget(self) -> dict[str, Any]:
+        """The spending guard's view: limit, spent, state, and the same per endpoint."""
+        return self._call("GET", "/v1/budget")
+
+    def set_budget(self, limit: float | None, endpoint: str | None = None) -> dict[str, Any]:
+        """Set the session's spending limit in USD (None clears it), or one endpoint's."""
+        body: dict[str, Any] = {"limit": limit}
+        if endpoint is not None:
+            body["endpoint"] = endpoint
+        return self._call("PUT", "/v1/budget", json=body)
 
     def jobs_list(self, endpoint: str | None = None) -> list[dict[str, Any]]:
         params = {"endpoint": endpoint} if endpoint else {}

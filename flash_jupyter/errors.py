@@ -44,6 +44,22 @@ class AuthError(ControlPlaneError):
     """The control plane rejected the token (HTTP 401)."""
 
 
+class BudgetExceeded(FlashError):
+    """The spending guard refused new work: the session's budget (or the endpoint's) is
+    reached. Raise the limit (``flash-jupyter budget N``, ``%flash budget N``) to go on."""
+
+    def __init__(self, message: str, endpoint: str | None = None):
+        super().__init__(message)
+        self.endpoint = endpoint
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.endpoint))
+
+    def _render_traceback_(self) -> list[str]:
+        # A refusal, not a bug: IPython shows the one line, wherever it was raised.
+        return [f"{type(self).__name__}: {self}"]
+
+
 class JobFailed(FlashError):
     """A job ended without a result and without a user exception to re-raise."""
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .catalog import money
+
 
 def table(rows: list[list[str]], head: list[str]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
@@ -56,3 +58,48 @@ def format_status(endpoints: list[dict[str, Any]], billing: dict[str, Any] | Non
         tag = " (estimate at list price)" if billing.get("estimate") else ""
         out.append(f"total ${billing['total']:.6f}{tag}; prices as of {billing['prices_as_of']}")
     return "\n".join(out)
+
+
+def parse_budget(text: str) -> float | None:
+    """A budget as typed (``flash-jupyter budget``, ``%flash budget``): ``off`` (None) or a
+    number of US dollars, 0 or more ("$2.50" works too; 0 refuses every new job)."""
+    t = text.strip().lower()
+    if t in ("off", "none"):
+        return None
+    try:
+        v = float(t.removeprefix("$"))
+    except ValueError:
+        v = -1.0
+    if not v >= 0 or v == float("inf"):
+        raise ValueError(
+            f"a budget is a number of US dollars, 0 or more (e.g. 2.50), or off; not {text!r}"
+        )
+    return v
+
+
+def format_budget(view: dict[str, Any], endpoint: str | None = None, how: str = "") -> str:
+    """The spending guard (``/v1/budget``'s view) as text: the session's line, then each
+    endpoint with a limit (or the one asked for). ``how``: the command that sets one."""
+
+    def line(what: str, v: dict[str, Any]) -> str:
+        spent = money(v.get("spent") or 0.0)
+        if v.get("limit") is None:
+            return f"{what}: no limit ({spent} spent)"
+        pct = f", {v['spent'] / v['limit']:.0%}" if v["limit"] else ""
+        state = {"near": "near the limit", "reached": "REACHED"}.get(v["state"], v["state"])
+        return f"{what}: {money(v['limit'])}, {spent} spent{pct}: {state}"
+
+    eps = view.get("endpoints") or {}
+    lines = [line("budget for this session", view)]
+    for name, v in sorted(eps.items()):
+        if v.get("limit") is not None or name == endpoint:
+            lines.append("  " + line(f"endpoint {name}", v))
+    how = how or "flash-jupyter budget"
+    if view.get("state") == "reached" or any(v.get("state") == "reached" for v in eps.values()):
+        lines.append(
+            f"new jobs are refused where the budget is reached; raise it with `{how} LIMIT "
+            f"[--endpoint NAME]`, or clear it with `{how} off`"
+        )
+    elif view.get("limit") is None and not any(v.get("limit") is not None for v in eps.values()):
+        lines.append(f"set one with `{how} 2.50` (US dollars; --endpoint NAME for one endpoint)")
+    return "\n".join(lines)

@@ -524,6 +524,227 @@ def test_billing_on_the_fake_clock(h):
     assert h.store.ledger_total("bill", ep.created)["seconds"] == 13
 
 
+# ---------------------------------------------------------------- warm, phases, progress
+
+
+def test_warm_starts_workers_without_a_job_and_they_go_after_idle_timeout(h):
+    ep = h.deploy("pre", workers=(0, 2), idle_timeout=10)
+    view = h.cp.warm("pre", 5)  # capped at max
+    h.settle()
+    assert view["started"] == 2 and h.states("pre") == [m.INITIALIZING] * 2
+    assert [w["phase"] for w in view["workers"]] == ["process", "process"]
+    h.connect_all()
+    assert h.states("pre") == [m.RUNNING] * 2 and ep.config.workers_min == 0
+    assert all(f.runs() == [] for f in h.provider.workers.values())  # no job ran
+    views = h.cp.endpoint_view(ep)["workers"]
+    assert [(w["phase"], w["scale_down_in_s"], w["idle_timeout"]) for w in views] == [
+        (None, 10.0, 10.0)
+    ] * 2
+    assert h.cp.warm("pre", 2)["started"] == 0  # already there
+    h.advance(9.9)
+    assert len(h.live("pre")) == 2
+    views = h.cp.endpoint_view(ep)["workers"]
+    assert [w["scale_down_in_s"] for w in views] == [pytest.approx(0.1)] * 2
+    h.advance(0.2)
+    assert h.live("pre") == []
+
+
+def test_warm_leaves_min_workers_alone_and_counts_starts(h):
+    ep = h.deploy("mins", workers=(1, 3), idle_timeout=10)
+    h.connect_all()
+    h.cp.warm("mins", 2)
+    h.settle()
+    h.connect_all()
+    h.advance(11)
+    (kept,) = h.live("mins")  # the extra one went; min stays, with no countdown
+    assert h.cp.worker_view(kept, ep)["scale_down_in_s"] is None
+    # A job on the warm worker counts warm; one that waits for a start counts cold.
+    warm_job = h.submit("mins")
+    h.worker(kept.id).done(warm_job.id)
+    h.deploy("mins", workers=(0, 1), idle_timeout=10)
+    h.advance(11)
+    cold_job = h.submit("mins")
+    h.wall.advance(0.5)
+    (f,) = h.connect_all()
+    f.done(cold_job.id)
+    h.settle()
+    assert (warm_job.cold, cold_job.cold) == (False, True)
+    starts = h.cp.endpoint_view(ep)["starts"]
+    assert starts == {"cold": 1, "warm": 1, "last_cold_ms": 500.0, "mean_cold_ms": 500.0}
+    assert h.cp.endpoint_view(ep)["queue"] == 0
+
+
+def test_progress_frames_and_cold_start_phases(h):
+    client = h.client()
+    h.deploy("deps", cpu="cpu3c-1-2", workers=(0, 1), idle_timeout=10, dependencies=["six"])
+    job = h.cp.submit("deps", "py", {"codec": "cloudpickle", "blobs": [b"a"], "fn_codec":
+                      "cloudpickle", "fn_blobs": [b"f"]}, owner=client, job_id="p1",
+                      progress=True)  # fmt: skip
+    client.jobs.add(job.id)
+    h.settle()
+    fake = h.worker("deps-1")
+    h.wall.advance(2.0)  # building the environment
+    fake.spec.phase("process")
+    h.settle()
+    h.wall.advance(0.5)  # the interpreter starting
+    fake.connect()
+    h.settle()
+    (w,) = h.live("deps")
+    assert w.phase == "code"
+    h.wall.advance(0.25)  # loading the job's code
+    fake.conn.on_frame({"op": "started", "id": job.id}, [])
+    h.settle()
+    assert w.phase is None
+    h.advance(1.0)
+    fake.done(job.id)
+    h.settle()
+    seq = [(f["status"], f["phase"], f["worker"]) for f in client.frames("progress")]
+    assert seq == [
+        ("IN_QUEUE", None, None),
+        ("COLD_START", "environment", "deps-1"),
+        ("COLD_START", "process", "deps-1"),
+        ("COLD_START", "code", "deps-1"),
+        ("IN_PROGRESS", None, "deps-1"),
+    ]
+    assert client.frames("progress")[-1]["hardware"] == "cpu3c-1-2"
+    (done,) = client.frames("done")
+    assert done["coldStartPhases"] == {"environment": 2000, "process": 500, "code": 250}
+    assert done["coldStartTime"] == 2500 and done["cold"] is True
+    price = w.price
+    assert done["pricePerSecond"] == price and done["hardwareLabel"] == "cpu3c-1-2"
+    assert done["costColdStart"] == pytest.approx(2.5 * price)
+    assert done["costRun"] == pytest.approx(1.25 * price)  # code loading is part of the run
+    assert done["cost"] == pytest.approx(done["costRun"] + done["costColdStart"])
+
+    # A warm job without the flag: no progress frame at all, costColdStart 0.
+    quiet = h.submit("deps", owner=client)
+    fake.done(quiet.id)
+    h.settle()
+    assert [f["id"] for f in client.frames("progress")] == ["p1"] * 5
+    last = client.frames("done")[-1]
+    assert last["costColdStart"] == 0 and "coldStartPhases" not in last
+    assert last["hardwareLabel"] == "cpu3c-1-2"
+
+
+def test_emulated_hardware_label_on_the_receipt(h):
+    h.deploy("emu", gpu="A100", workers=(0, 1))
+    job = h.submit("emu")
+    (f,) = h.connect_all()
+    f.done(job.id)
+    h.settle()
+    assert h.cp.status_payload(job)["hardwareLabel"] == "A100, emulated on CPU"
+
+
+def test_the_ticker_publishes_nothing_while_nothing_changes(h):
+    h.deploy("still", workers=(1, 3), idle_timeout=30)
+    h.deploy("other", workers=(0, 1), idle_timeout=30)
+    warm(h, "still", 2)
+    h.cp.warm("other", 1)
+    h.settle()
+    h.connect_all()
+    h.cp.budget.set(1000.0)
+    q = h.cp.events.subscribe()
+    for _ in range(100):  # 10 s of ticks, workers billed meanwhile, under every timeout
+        h.advance(0.1)
+    assert q.empty(), q.get_nowait()
+    h.advance(30)  # something changes: the idle ones go, and that is published
+    kinds = set()
+    while not q.empty():
+        kinds.add(q.get_nowait()["type"])
+    assert {"worker", "billing"} <= kinds and "budget" not in kinds
+
+
+# ---------------------------------------------------------------- the budget guard
+
+
+def test_budget_reached_refuses_stops_idle_workers_and_lets_running_jobs_finish(h):
+    from flash_jupyter.errors import BudgetExceeded
+
+    client = h.client()
+    h.deploy("a", workers=(1, 2), idle_timeout=100)
+    h.deploy("b", workers=(0, 1), idle_timeout=100)
+    h.connect_all()
+    running = h.submit("a", owner=client)
+    client.jobs.add(running.id)
+    h.cp.warm("b", 1)
+    h.settle()
+    h.connect_all()
+    queued = h.submit("a")  # starts a second worker of a; waits for it
+    assert queued.status == m.IN_QUEUE and len(h.live("a")) == 2
+    q = h.cp.events.subscribe()
+
+    view = h.cp.budget.set(0.00001)  # a worker's first second costs more than this
+    h.settle()
+    assert view["state"] == "reached" and view["limit"] == 0.00001
+    assert view["spent"] > 0.00001
+    budget_events = []
+    while not q.empty():
+        e = q.get_nowait()
+        if e["type"] == "budget":
+            budget_events.append(e)
+    assert [e["state"] for e in budget_events] == ["reached"]
+    with pytest.raises(BudgetExceeded, match=r"budget of \$0\.00001 for this session reached"):
+        h.submit("a")
+    # Queued work fails the same way; idle (and starting) workers stop, min included;
+    # the running job keeps its worker.
+    assert queued.status == m.FAILED and queued.error["type"] == "BudgetExceeded"
+    assert h.live("b") == []
+    (busy,) = h.live("a")
+    assert running.id in busy.jobs
+    h.worker(busy.id).done(running.id)
+    h.settle()
+    assert running.status == m.COMPLETED
+    assert h.live("a") == []  # it went as soon as it was idle
+    assert all(w.reason == "stopped: the budget was reached" for w in h.slots("a"))
+
+    # Over the wire: a done frame FAILED with BudgetExceeded, nothing recorded.
+    before = set(h.cp.jobs)
+    client.on_frame({"op": "submit", "id": "wired", "ep": "a", "refs": []}, [])
+    (refused,) = [f for f in client.frames("done") if f["id"] == "wired"]
+    assert refused["status"] == "FAILED" and refused["error"]["type"] == "BudgetExceeded"
+    assert "flash-jupyter budget" in refused["error"]["message"]
+    assert set(h.cp.jobs) == before
+
+    # Cleared: min workers come back and jobs run again.
+    assert h.cp.budget.set(None)["state"] == "ok"
+    h.settle()
+    assert len(h.live("a")) == 1
+    assert h.store.load_setting("budget") == {"limit": None, "endpoints": {}}
+
+
+def test_an_endpoint_budget_holds_that_endpoint_only(h):
+    from flash_jupyter.errors import BudgetExceeded
+
+    h.deploy("pricey", workers=(0, 1), idle_timeout=100)
+    h.deploy("cheap", workers=(0, 1), idle_timeout=100)
+    for name in ("pricey", "cheap"):
+        h.cp.warm(name, 1)
+    h.settle()
+    h.connect_all()
+    view = h.cp.budget.set(0.00001, endpoint="pricey")
+    h.settle()
+    assert view["state"] == "ok" and view["endpoints"]["pricey"]["state"] == "reached"
+    assert view["endpoints"]["cheap"] == {"limit": None, "spent": view["endpoints"]["cheap"][
+        "spent"], "state": "ok"}  # fmt: skip
+    with pytest.raises(BudgetExceeded, match="for endpoint 'pricey' reached") as e:
+        h.submit("pricey")
+    assert "--endpoint pricey" in str(e.value)
+    assert h.live("pricey") == [] and len(h.live("cheap")) == 1
+    h.submit("cheap")  # not held
+    # Near: at 80% of the limit.
+    spent = h.cp.budget.view()["endpoints"]["cheap"]["spent"]
+    assert h.cp.budget.set(spent / 0.9, endpoint="cheap")["endpoints"]["cheap"]["state"] == "near"
+    h.cp.delete_endpoint("pricey")
+    assert "pricey" not in h.cp.budget.ep_limits
+
+
+@pytest.mark.parametrize("bad", [-1, float("nan"), float("inf"), "five", True, [1], {}])
+def test_budget_limits_are_validated(h, bad):
+    with pytest.raises(ValueError, match="budget limit"):
+        h.cp.budget.set(bad)
+    assert h.cp.budget.limit is None and h.store.load_setting("budget") is None
+
+
 # ---------------------------------------------------------------- the provider seam
 
 

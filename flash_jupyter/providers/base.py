@@ -37,6 +37,16 @@ class WorkerSpec:
     wire: tuple[str, int]  # where the worker connects
     credential: str  # the worker's own wire credential (never the control plane's token)
     spool: str | None = None  # shared-memory folder for large buffers, when on this host
+    # Where the provider reports the cold start's phase as it moves on: "environment"
+    # (building the dependency environment) or "process" (the interpreter starting, until
+    # its hello). Optional for a provider: the control plane assumes "environment" first for
+    # an endpoint with dependencies and "process" otherwise, and ends the phase at hello.
+    on_phase: Callable[[str], None] | None = field(default=None, repr=False, compare=False)
+
+    def phase(self, name: str) -> None:
+        """Report a cold start phase (a no-op when nobody listens)."""
+        if self.on_phase is not None:
+            self.on_phase(name)
 
 
 class PlacementError(Exception):
@@ -63,7 +73,8 @@ class Provider(Protocol):
         awaitable; the control plane's is a plain function). ``reason`` says why in words
         ("exited with code 1 (last log line)", "killed by SIGKILL"): it becomes the worker's
         reason and the error of jobs that fail with it. A start that raises counts as a
-        start failure."""
+        start failure. A provider that builds an environment before the process reports
+        each phase with ``spec.phase("environment")`` and ``spec.phase("process")``."""
 
     def stop(self, handle: Any) -> None:
         """Ask the process to stop now (SIGTERM)."""

@@ -265,9 +265,11 @@ class LocalProvider:
             return proc
         python = sys.executable
         if needs_env:
+            spec.phase("environment")
             python = await asyncio.get_running_loop().run_in_executor(
                 None, ensure_environment, self.data_dir, cfg.dependencies, cfg.system_dependencies
             )
+        spec.phase("process")
         env = envvars.worker_env({**os.environ, **user_env}, json.dumps(worker), spec.credential)
         proc = await self._exec(python, env, spec.worker_id)
         proc._flash_on_exit = on_exit  # type: ignore[attr-defined]

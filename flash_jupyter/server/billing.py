@@ -48,11 +48,27 @@ class Ledger:
     @staticmethod
     def job_cost(job: m.Job, w: m.Worker | None, ep: m.EndpointState) -> float:
         """A finished job's cost (it started): execution plus the cold start it waited for."""
-        price = w.price if w is not None and w.live else ep.config.price_per_second
-        secs = job.finished - job.started
-        if job.cold and job.cold_start_ms:
-            secs += job.cold_start_ms / 1000
-        return secs * price
+        _, run, cold = Ledger.job_cost_parts(job, w, ep)
+        return run + cold
+
+    @staticmethod
+    def job_cost_parts(
+        job: m.Job, w: m.Worker | None, ep: m.EndpointState | None
+    ) -> tuple[float, float, float]:
+        """(price per second, cost of its execution, cost of the cold start it caused):
+        at the price of the worker it ran on (``job.price``, set at dispatch)."""
+        price = job.price
+        if price is None:
+            if w is not None and w.live:
+                price = w.price
+            else:
+                price = ep.config.price_per_second if ep is not None else 0.0
+        if job.started is None:
+            return price, 0.0, 0.0
+        end = job.finished if job.finished is not None else job.started
+        run = max(0.0, end - job.started) * price
+        cold = job.cold_start_ms / 1000 * price if job.cold and job.cold_start_ms else 0.0
+        return price, run, cold
 
     def close(self, ep: m.EndpointState, w: m.Worker, stopped: float) -> None:
         """A worker's process has fully stopped: its bill goes into the ledger."""
@@ -68,6 +84,7 @@ class Ledger:
                                  stopped, secs, cost)  # fmt: skip
         self.cp.events.publish("billing", worker=w.id, endpoint=ep.name, seconds=secs,
                                cost=cost, estimate=w.emulated)  # fmt: skip
+        self.cp.budget.on_bill(cost)
 
     # -- views
     def worker_bill(self, w: m.Worker, ep: m.EndpointState, now: float) -> dict[str, Any]:

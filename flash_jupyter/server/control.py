@@ -35,12 +35,13 @@ from ..errors import ConfigError
 from ..providers.base import Allocation, PlacementError, Provider
 from . import model as m
 from .billing import Ledger
+from .budget import Budget
 from .events import EventBus
 from .lifecycle import Lifecycle
 from .scheduler import Scheduler
 from .spool_keeper import SpoolKeeper
 from .store import Store
-from .views import Views
+from .views import Views, receipt_label
 
 RECENT_JOBS = 10_000  # finished jobs kept in memory; older ones are read from the store
 RESULT_TTL = 30 * 60  # seconds a finished job stays queryable (Runpod keeps /run results 30 min)
@@ -92,6 +93,7 @@ class ControlPlane(Views, SpoolKeeper):
         self.scheduler = Scheduler(self)
         self.lifecycle = Lifecycle(self)
         self.ledger = Ledger(self)
+        self.budget = Budget(self)  # the spending guard (budget.py)
 
     # ------------------------------------------------------------------ startup
     async def start(self) -> None:
@@ -111,6 +113,7 @@ class ControlPlane(Views, SpoolKeeper):
                 self.store.save_endpoint(cfg.name, cfg.to_dict(), cfg.config_hash, ep.handler,
                                          ep.created, ep.updated)  # fmt: skip
         self.ledger.load()
+        self.budget.load()
         for ep_name, counts in self.store.job_counts().items():
             ep = self.endpoints.get(ep_name)
             if ep is not None:
@@ -233,6 +236,51 @@ class ControlPlane(Views, SpoolKeeper):
     def _deploy_answer(self, ep: m.EndpointState, action: str) -> dict[str, Any]:
         return {"name": ep.name, "action": action, "config_hash": ep.config.config_hash}
 
+    def with_changes(self, cfg: EndpointConfig, changes: Any) -> EndpointConfig:
+        """A deploy that names ``changes`` (a ``%%flash`` cell's settings): an endpoint that
+        exists changes only those; a new one is ``cfg`` (what the caller built from them)."""
+        if changes is None:
+            return cfg
+        if not isinstance(changes, dict):
+            raise ConfigError("deploy: changes must be a mapping of settings")
+        existing = self.endpoints.get(cfg.name)
+        return existing.config.changed(**changes) if existing is not None else cfg
+
+    @staticmethod
+    def check_serves(serves: Any) -> str | None:
+        if serves not in (None, "function", "class", "cells"):
+            raise ConfigError(f"deploy: serves must be function, class or cells, not {serves!r}")
+        return serves
+
+    def deploy_changes(self, name: str, changes: Any, serves: Any = None) -> dict[str, Any]:
+        """Deploy by changes (HTTP ``PUT`` with ``{"changes": ...}``), the wire's rule: an
+        endpoint that exists changes only these settings, a new one starts from the
+        defaults plus them. Returns the endpoint view plus ``action``."""
+        if not isinstance(changes, dict):
+            raise ConfigError(
+                '"changes" must be a JSON object of settings, e.g. {"idle_timeout": 30}'
+            )
+        if "name" in changes:
+            raise ConfigError("the endpoint's name comes from the path, not from changes")
+        serves = self.check_serves(serves)
+        existing = self.endpoints.get(name)
+        if existing is not None:
+            cfg = self.with_changes(existing.config, changes)
+        else:
+            cfg = EndpointConfig.build(name, **changes)
+        answer = self.deploy(cfg, serves=serves)
+        return {**self.endpoint_view(self.endpoints[name]), "action": answer["action"]}
+
+    def warm(self, name: str, workers: Any = 1) -> dict[str, Any]:
+        """Start workers now, without a job (``Scheduler.warm``): the endpoint view, plus
+        ``started`` (how many began starting now)."""
+        ep = self.endpoint(name)
+        if type(workers) is not int or workers < 0:
+            raise ValueError(f"workers must be a whole number, 0 or more, not {workers!r}")
+        self.budget.check_submit(name)  # warm workers cost money too
+        started = self.scheduler.warm(ep, workers)
+        return {**self.endpoint_view(ep), "started": started}
+
     def endpoint(self, name: str) -> m.EndpointState:
         ep = self.endpoints.get(name)
         if ep is None:
@@ -268,6 +316,7 @@ class ControlPlane(Views, SpoolKeeper):
                 self.lifecycle.stop(w, "endpoint deleted")
         del self.endpoints[name]
         self.store.delete_endpoint(name)
+        self.budget.endpoint_deleted(name)
         self.events.publish("endpoint", name=name, action="deleted")
 
     def put_function(self, h: str, codec: str, blobs: list[Any]) -> None:
@@ -294,7 +343,9 @@ class ControlPlane(Views, SpoolKeeper):
         owner: Any = None,
         job_id: str | None = None,
         on_commit: Any = None,
+        progress: bool = False,
     ) -> m.Job:
+        self.budget.check_submit(endpoint)  # BudgetExceeded: nothing recorded
         ep = self.endpoint(endpoint)
         if kind == "json":
             if ep.handler is None:
@@ -305,11 +356,14 @@ class ControlPlane(Views, SpoolKeeper):
         if old is not None and old.status not in m.TERMINAL:
             raise ValueError(f"job id {jid!r} already exists")
         job = m.Job(jid, endpoint, kind, fn, body, created=self.wall(), owner=owner)
+        job.progress = progress and owner is not None
         # The store serializes the job first: a body it cannot take raises here, before the
         # job is anywhere (no queued id nobody was told of, no worker left holding it).
         self.store.insert_job(job, after=on_commit)
         self.jobs[jid] = job
         ep.queue.append(jid)
+        if job.progress:
+            ep.progress_jobs.add(jid)
         self._publish_job(job)
         self.kick(endpoint)
         return job
@@ -379,11 +433,22 @@ class ControlPlane(Views, SpoolKeeper):
             if not keep_on_worker:
                 w.jobs.discard(job.id)
             w.last_active = now
+            if w.phase == "code" and job.cold:  # it ended before saying it started
+                self.lifecycle.set_phase(ep, w, None, queued=False)
+            elif not w.jobs:
+                self._publish_worker(w)  # busy -> idle (its scale-down countdown starts)
         if ep is not None:
+            ep.progress_jobs.discard(job.id)
             if job.started is not None:
                 job.cost = self.ledger.job_cost(job, w, ep)
                 ms = (job.finished - job.started) * 1000
                 ep.exec_ewma_ms = 0.8 * ep.exec_ewma_ms + 0.2 * ms
+                if job.cold:
+                    ep.cold_starts += 1
+                    ep.last_cold_ms = job.cold_start_ms or 0.0
+                    ep.cold_ms_total += ep.last_cold_ms
+                else:
+                    ep.warm_starts += 1
             if status == m.COMPLETED:
                 ep.completed += 1
             elif status == m.CANCELLED:
@@ -450,6 +515,8 @@ class ControlPlane(Views, SpoolKeeper):
 
     def _tick(self) -> None:
         self.scheduler.tick()
+        if self.budget.active:
+            self.budget.evaluate()  # publishes only when a state changes
         now = self.clock()
         if now - self._last_prune > 60:
             self._last_prune = now
@@ -489,8 +556,53 @@ class ControlPlane(Views, SpoolKeeper):
         if job.owner is not None:
             job.owner.send({"op": "out", "id": job.id, "stream": "stderr", "text": text})
 
+    # ------------------------------------------------------------------ progress
+    def send_progress(self, job: m.Job) -> None:
+        """Tell the caller of ``job`` where it stands, if that changed (it asked with
+        ``"progress": 1``): queued, cold start (with the worker's phase), in progress."""
+        owner = job.owner
+        if owner is None or job.status in m.TERMINAL:
+            return
+        ep = self.endpoints.get(job.endpoint)
+        status, phase, w = m.IN_QUEUE, None, None
+        if ep is None:
+            pass
+        elif job.status == m.IN_PROGRESS:
+            w = ep.workers.get(job.worker_id) if job.worker_id else None
+            if w is not None and job.cold and w.phase == "code":
+                status, phase = "COLD_START", "code"
+            else:
+                status = m.IN_PROGRESS
+        else:
+            starting = [x for x in ep.workers.values()
+                        if x.live and x.conn is None and x.phase and not x.stopping]  # fmt: skip
+            if starting:
+                w = min(starting, key=lambda x: x.start_signal or 0.0)
+                status, phase = "COLD_START", w.phase
+        key = (status, phase, w.id if w is not None else None)
+        if key == job.progress_last:
+            return
+        job.progress_last = key
+        hardware = None
+        if w is not None and w.hardware:
+            hardware = receipt_label(w.hardware, w.emulated)
+        owner.send({"op": "progress", "id": job.id, "status": status, "phase": phase,
+                    "worker": key[2], "hardware": hardware})  # fmt: skip
+
+    def progress_endpoint(self, ep: m.EndpointState) -> None:
+        """A worker of ``ep`` moved on in its cold start: the queued jobs asking for progress
+        hear it (none asked: nothing to do)."""
+        for jid in list(ep.progress_jobs):
+            job = self.jobs.get(jid)
+            if job is None:
+                ep.progress_jobs.discard(jid)
+            elif job.status == m.IN_QUEUE:
+                self.send_progress(job)
+
     # ------------------------------------------------------------------ events
     def _publish_job(self, job: m.Job) -> None:
+        if job.progress:
+            self.send_progress(job)
         if self.events.active:
             self.events.publish("job", endpoint=job.endpoint, **self.status_payload(job))
 

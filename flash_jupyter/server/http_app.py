@@ -28,7 +28,7 @@ from starlette.routing import Route
 
 from .. import __version__, envvars
 from ..config import EndpointConfig
-from ..errors import ConfigError
+from ..errors import BudgetExceeded, ConfigError
 from ..providers.base import PlacementError
 from . import model as m
 from .control import ControlPlane, NotFound
@@ -286,6 +286,8 @@ def build_app(cp: ControlPlane, token: str, info: dict[str, Any]) -> Any:
                 return _error(e.status, e.message)
             except NotFound as e:
                 return _error(404, str(e.args[0]))
+            except BudgetExceeded as e:  # the spending guard: 402 Payment Required
+                return _error(402, str(e))
             except (ConfigError, PlacementError, ValueError, TypeError, KeyError) as e:
                 return _error(400, str(e))
 
@@ -326,6 +328,7 @@ def build_app(cp: ControlPlane, token: str, info: dict[str, Any]) -> Any:
     async def run(request: Request) -> Response:
         name = request.path_params["name"]
         cp.endpoint(name)
+        cp.budget.check_submit(name)  # before the body is even read
         body = await body_json(request, run_limit, limit_note)
         job = await submit_committed(name, job_input(body))
         # As Runpod answers: accepted into the queue (it may have started since).
@@ -335,6 +338,7 @@ def build_app(cp: ControlPlane, token: str, info: dict[str, Any]) -> Any:
     async def runsync(request: Request) -> Response:
         name = request.path_params["name"]
         cp.endpoint(name)
+        cp.budget.check_submit(name)
         wait_ms = query_number(request, "wait", RUNSYNC_WAIT * 1000, MAX_WAIT_MS)
         body = await body_json(request, runsync_limit, limit_note)
         job = await submit_committed(name, job_input(body))
@@ -388,8 +392,39 @@ def build_app(cp: ControlPlane, token: str, info: dict[str, Any]) -> Any:
         body = await body_json(request)
         if not isinstance(body, dict):
             raise HTTPError(400, "body must be a JSON object of endpoint settings")
-        body["name"] = request.path_params["name"]
+        name = request.path_params["name"]
+        if "changes" in body:  # a %%flash cell's rule: only these settings change
+            extra = set(body) - {"changes", "serves"}
+            if extra:
+                raise HTTPError(400, f'with "changes", the body may only add "serves", not '
+                                     f"{', '.join(sorted(extra))}")  # fmt: skip
+            return JSONResponse(cp.deploy_changes(name, body["changes"], body.get("serves")))
+        body["name"] = name
         return JSONResponse(cp.deploy(EndpointConfig.from_dict(body)))
+
+    @guard
+    async def warm(request: Request) -> Response:
+        name = request.path_params["name"]
+        cp.endpoint(name)
+        body = await body_json(request)
+        if not isinstance(body, dict):
+            raise HTTPError(400, 'body must be {"workers": N} (or empty for one worker)')
+        return JSONResponse(cp.warm(name, body.get("workers", 1)))
+
+    @guard
+    async def get_budget(request: Request) -> Response:
+        return JSONResponse(cp.budget.view())
+
+    @guard
+    async def put_budget(request: Request) -> Response:
+        body = await body_json(request)
+        if not isinstance(body, dict) or "limit" not in body or set(body) - {"limit", "endpoint"}:
+            raise HTTPError(
+                400,
+                'body must be {"limit": DOLLARS} (null or "off" clears it), with '
+                '"endpoint": NAME for one endpoint\'s limit',
+            )
+        return JSONResponse(cp.budget.set(body["limit"], body.get("endpoint")))
 
     @guard
     async def delete_endpoint(request: Request) -> Response:
@@ -432,7 +467,8 @@ def build_app(cp: ControlPlane, token: str, info: dict[str, Any]) -> Any:
         async def gen():
             try:
                 snap = {"type": "snapshot", "endpoints": [cp.endpoint_view(e) for e in
-                                                          cp.endpoints.values()]}  # fmt: skip
+                                                          cp.endpoints.values()],
+                        "budget": cp.budget.view()}  # fmt: skip
                 yield b"data: " + render_json(snap, separators=SSE_SEPARATORS) + b"\n\n"
                 while True:
                     try:
@@ -469,6 +505,9 @@ def build_app(cp: ControlPlane, token: str, info: dict[str, Any]) -> Any:
         Route("/v1/endpoints/{name}", put_endpoint, methods=["PUT"]),
         Route("/v1/endpoints/{name}", delete_endpoint, methods=["DELETE"]),
         Route("/v1/endpoints/{name}/scale", scale, methods=["POST"]),
+        Route("/v1/endpoints/{name}/warm", warm, methods=["POST"]),
+        Route("/v1/budget", get_budget, methods=["GET"]),
+        Route("/v1/budget", put_budget, methods=["PUT"]),
         Route("/v1/endpoints/{name}/stop", stop, methods=["POST"]),
         Route("/v1/endpoints/{name}/logs", logs),
         Route("/v1/jobs", list_jobs),

@@ -75,10 +75,50 @@ class Lifecycle:
         w.stopping = False
         w.expected_exit = True
         w.handle = "starting"
+        # The provider says when it moves on (WorkerSpec.on_phase); until then, a worker
+        # with dependencies is building its environment, any other is starting its process.
+        w.phase_ms = {}
+        w.phase = "environment" if cfg.dependencies or cfg.system_dependencies else "process"
+        w.phase_since = w.start_signal
         cp._publish_worker(w)
+        cp.progress_endpoint(ep)
         cred = credentials.worker_credential(cp.token, w.id, w.incarnation)
-        spec = WorkerSpec(w.id, w.incarnation, cfg, alloc, cp.wire_addr, cred, cp.spool)
+        inc = w.incarnation
+
+        def on_phase(phase: str) -> None:
+            if w.incarnation == inc and w.live and w.conn is None and phase != w.phase:
+                self.set_phase(ep, w, phase)
+
+        spec = WorkerSpec(w.id, w.incarnation, cfg, alloc, cp.wire_addr, cred, cp.spool,
+                          on_phase=on_phase)  # fmt: skip
         w.spawn_task = cp._loop.create_task(self._spawn(ep, w, spec))
+
+    def set_phase(
+        self, ep: m.EndpointState, w: m.Worker, phase: str | None, queued: bool = True
+    ) -> None:
+        """The worker's cold start moves on: the time of the phase that ends is recorded
+        (the job that waited for it shows it as ``coldStartPhases``); the worker view and
+        the progress of jobs waiting on the endpoint follow."""
+        cp = self.cp
+        now = cp.wall()
+        if w.phase is not None:
+            ms = max(0.0, (now - w.phase_since) * 1000)
+            w.phase_ms[w.phase] = w.phase_ms.get(w.phase, 0.0) + ms
+        w.phase, w.phase_since = phase, now
+        cp._publish_worker(w)
+        if phase == "code" or phase is None:
+            for jid in list(w.jobs):
+                job = cp.jobs.get(jid)
+                if job is not None and job.progress:
+                    cp.send_progress(job)
+        if queued:
+            cp.progress_endpoint(ep)
+
+    def code_loaded(self, w: m.Worker) -> None:
+        """The worker started running its first job's code: the cold start is over."""
+        ep = self.cp.endpoints.get(w.endpoint)
+        if ep is not None and w.phase == "code":
+            self.set_phase(ep, w, None)
 
     async def _spawn(self, ep: m.EndpointState, w: m.Worker, spec: WorkerSpec) -> None:
         cp = self.cp
@@ -115,7 +155,8 @@ class Lifecycle:
         w.last_active = cp.clock()
         if w.state == m.INITIALIZING:
             w.state = m.OUTDATED if w.env_hash != ep.config.env_hash else m.RUNNING
-        cp._publish_worker(w)
+        # Publishes the worker. Jobs waiting are dispatched next (their "code" phase starts).
+        self.set_phase(ep, w, None, queued=False)
         if w.stopping:
             conn.send({"op": "exit"})
         cp.kick(ep.name)
@@ -264,6 +305,7 @@ class Lifecycle:
         w.pid = None
         w.start_signal = None
         w.stopping = False
+        w.phase = None
         if expected:
             w.state = m.IDLE
             w.crashes = 0

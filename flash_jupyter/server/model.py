@@ -57,6 +57,13 @@ class Job:
     incarnation: int = 0  # of the worker that ran it
     run_index: int = 0  # it was the n-th job sent to that worker (order on the worker)
     hardware: str = ""  # what it ran on
+    emulated: bool = False  # ... and whether that was emulated on the CPU
+    price: float | None = None  # per second, of the worker it ran on (set at dispatch)
+    # Cold start phases of the worker it waited for (ms; the worker's dict, filled as the
+    # phases end: "environment", "process", then "code" once the job's code is loaded).
+    cold_phases: dict[str, float] | None = None
+    progress: bool = False  # its caller asked for progress frames
+    progress_last: tuple | None = None  # the last progress frame sent (status, phase, worker)
 
     @property
     def delay_ms(self) -> int | None:
@@ -104,6 +111,11 @@ class Worker:
     # What the last incarnation held when it went: session -> names (until the next start).
     lost_state: dict[str, list[str]] = field(default_factory=dict)
     spawn_task: Any = None  # the asyncio task asking the provider for the process
+    # Cold start phase: "environment", "process" (until hello), "code" (loading the code of
+    # its first job), or None; since when (wall), and how long each took (ms).
+    phase: str | None = None
+    phase_since: float = 0.0
+    phase_ms: dict[str, float] = field(default_factory=dict)
 
     @property
     def live(self) -> bool:
@@ -144,6 +156,12 @@ class EndpointState:
     session_seconds: int = 0
     exec_ewma_ms: float = 100.0
     next_worker: int = 1
+    # Jobs that found a worker ready (warm) or waited for one to start (cold), this session.
+    warm_starts: int = 0
+    cold_starts: int = 0
+    cold_ms_total: float = 0.0
+    last_cold_ms: float | None = None
+    progress_jobs: set[str] = field(default_factory=set)  # unfinished jobs asking progress
 
     @property
     def name(self) -> str:

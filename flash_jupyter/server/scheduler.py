@@ -72,27 +72,19 @@ class Scheduler:
         cp = self.cp
         if cp.closing:
             return
+        if cp.budget.blocks(ep.name):
+            cp.budget.enforce(ep)  # the spending guard: nothing starts, idle workers go
+            return
         cfg = ep.config
         now = cp.clock()
         if ep.queue:
             self.pump(ep)  # first: cells bound to a vanished worker fail, not scale up
         workers = list(ep.workers.values())
-        current = [w for w in workers if w.live and w.state != m.OUTDATED and not w.stopping]
-        demand = len(ep.queue) + sum(len(w.jobs) for w in current)
-        want = max(cfg.workers_min, min(cfg.workers_max, math.ceil(demand / cfg.max_concurrency)))
+        current = _current(ep)
+        want = _want(ep, current)
         need = want - len(current)
         if need > 0:
-            idle = sorted(
-                (
-                    w
-                    for w in workers
-                    if not w.live
-                    and not w.removing
-                    and (w.state != m.UNHEALTHY or w.retry_at <= now)
-                ),
-                key=lambda w: _START_ORDER.get(w.state, 3),
-            )
-            for w in idle[:need]:
+            for w in self._startable(ep, now)[:need]:
                 cp.lifecycle.start(ep, w)
         else:
             for w in workers:
@@ -117,6 +109,50 @@ class Scheduler:
                 cp.lifecycle.stop(w, "outdated" if w.state == m.OUTDATED else "scaled down")
         if ep.queue:
             self.pump(ep)
+
+    def _startable(self, ep: m.EndpointState, now: float) -> list[m.Worker]:
+        """Slots without a process that may start now, in the order they should."""
+        return sorted(
+            (
+                w
+                for w in ep.workers.values()
+                if not w.live and not w.removing and (w.state != m.UNHEALTHY or w.retry_at <= now)
+            ),
+            key=lambda w: _START_ORDER.get(w.state, 3),
+        )
+
+    def warm(self, ep: m.EndpointState, n: int) -> int:
+        """Start workers now, without a job, until ``n`` (at most ``max``) are up or
+        starting; returns how many started. Nothing holds them afterwards: once ready they
+        are idle workers like any other, scaled down ``idle_timeout`` after their hello
+        (never below ``min``, which this leaves as it is)."""
+        cp = self.cp
+        if cp.closing or cp.budget.blocks(ep.name):
+            return 0
+        need = min(n, ep.config.workers_max) - len(_current(ep))
+        started = 0
+        for w in self._startable(ep, cp.clock())[: max(0, need)]:
+            cp.lifecycle.start(ep, w)
+            started += w.live
+        return started
+
+    def scale_down_in(self, ep: m.EndpointState, w: m.Worker) -> float | None:
+        """Seconds until the idle worker ``w`` is scaled down; None if it stays (it is busy,
+        or needed for ``min`` or the queue). The same choice ``reconcile`` makes: the
+        surplus over what is wanted, longest idle first, notebook state kept longest."""
+        if not w.ready or w.jobs or w.removing:
+            return None
+        if self.cp.budget.blocks(ep.name):
+            return 0.0
+        current = _current(ep)
+        surplus = len(current) - _want(ep, current)
+        if surplus <= 0:
+            return None
+        idle = [x for x in current if x.ready and not x.jobs]
+        idle.sort(key=lambda x: (x.holds_state, x.last_active))
+        if w not in idle[:surplus]:
+            return None
+        return max(0.0, ep.config.idle_timeout - (self.cp.clock() - w.last_active))
 
     def make_room(self, wanting: m.EndpointState) -> None:
         """Free a slot for a throttled start by stopping the longest-idle warm worker of
@@ -246,7 +282,7 @@ class Scheduler:
             return
         job.status, job.started, job.worker_id = m.IN_PROGRESS, cp.wall(), w.id
         job.incarnation = w.incarnation
-        job.hardware = w.hardware
+        job.hardware, job.emulated, job.price = w.hardware, w.emulated, w.price
         job.cold = w.jobs_run == 0 and w.ready_at is not None and job.created < w.ready_at
         job.cold_start_ms = w.cold_start_ms if job.cold else None
         now = cp.clock()
@@ -267,6 +303,11 @@ class Scheduler:
             return
         if "fnrefs" in meta and job.fn is not None:
             w.fns.add(job.fn)
+        if job.cold:  # its first job: the worker now loads its code (until "started")
+            job.cold_phases = w.phase_ms
+            cp.lifecycle.set_phase(ep, w, "code", queued=False)
+        elif len(w.jobs) == 1:
+            cp._publish_worker(w)  # idle -> busy
         # IN_PROGRESS is not written: after a crash a running job goes back to the queue
         # anyway, so the row can say IN_QUEUE until the job ends (one commit per job saved).
         cp._publish_job(job)
@@ -304,3 +345,15 @@ class Scheduler:
             if body.get("noshm"):
                 meta["noshm"] = True
         return meta, bufs, size
+
+
+def _current(ep: m.EndpointState) -> list[m.Worker]:
+    """Workers up or starting that count toward the endpoint's scale."""
+    return [w for w in ep.workers.values() if w.live and w.state != m.OUTDATED and not w.stopping]
+
+
+def _want(ep: m.EndpointState, current: list[m.Worker]) -> int:
+    """How many workers the endpoint wants now: its queue and jobs, within min..max."""
+    cfg = ep.config
+    demand = len(ep.queue) + sum(len(w.jobs) for w in current)
+    return max(cfg.workers_min, min(cfg.workers_max, math.ceil(demand / cfg.max_concurrency)))

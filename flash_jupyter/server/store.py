@@ -68,6 +68,7 @@ CREATE TABLE IF NOT EXISTS ledger (
     worker_id TEXT NOT NULL, endpoint TEXT NOT NULL, hardware TEXT, emulated INTEGER,
     started REAL NOT NULL, stopped REAL NOT NULL, seconds INTEGER NOT NULL, cost REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
@@ -368,6 +369,18 @@ class Store:
             (endpoint, since),
         ).fetchone()
         return {"seconds": s or 0, "cost": c or 0.0}
+
+    # -- control plane settings (the budget's limits): small JSON values by key
+    def save_setting(self, key: str, value: Any) -> None:
+        self.write(
+            "INSERT INTO settings(key, value) VALUES (?,?) "
+            "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+            (key, json.dumps(value)),
+        )
+
+    def load_setting(self, key: str) -> Any:
+        row = self.db.execute("SELECT value FROM settings WHERE key=?", (key,)).fetchone()
+        return json.loads(row[0]) if row else None
 
     # -- size
     def sizes(self) -> dict[str, int]:

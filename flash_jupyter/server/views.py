@@ -10,6 +10,18 @@ from typing import Any
 from ..config import EndpointConfig
 from . import model as m
 
+PHASES = ("environment", "process", "code")  # a cold start's phases, in order
+
+
+def receipt_label(hardware: str, emulated: bool) -> str:
+    """Hardware as a receipt says it: "A100", or "A100, emulated on CPU"."""
+    base = hardware.replace(" (emulated on CPU)", "")
+    return f"{base}, emulated on CPU" if emulated else base
+
+
+def _round(v: float | None) -> float | None:
+    return None if v is None else round(v, 3)
+
 
 class Views:
     endpoints: dict[str, m.EndpointState]
@@ -18,6 +30,7 @@ class Views:
     clock: Callable[[], float]
     wall: Callable[[], float]
     ledger: Any
+    scheduler: Any
 
     def status_payload(self, job: m.Job) -> dict[str, Any]:
         """A job as Runpod's /status shows it, plus flash-jupyter's timings."""
@@ -42,6 +55,17 @@ class Views:
         if job.cold_start_ms is not None:
             d["coldStartTime"] = round(job.cold_start_ms)
         d["cost"] = round(job.cost, 8)
+        if job.started is not None and job.price is not None:
+            # The receipt: what it ran on, and its cost split (they add up to "cost").
+            if job.hardware:
+                d["hardwareLabel"] = receipt_label(job.hardware, job.emulated)
+            _, run, cold = self.ledger.job_cost_parts(job, None, None)
+            d["pricePerSecond"] = job.price
+            d["costRun"] = round(run, 8)
+            d["costColdStart"] = round(cold, 8)
+            if job.cold and job.cold_phases is not None:
+                ph = job.cold_phases
+                d["coldStartPhases"] = {k: round(ph.get(k, 0.0)) for k in PHASES}
         return d
 
     def health(self, name: str) -> dict[str, Any]:
@@ -86,6 +110,11 @@ class Views:
             "cold_start_ms": None if w.cold_start_ms is None else round(w.cold_start_ms, 1),
             "uptime_s": round(now - w.start_signal, 3) if w.live and w.start_signal else 0,
             "idle_s": round(self.clock() - w.last_active, 3) if w.ready and not w.jobs else 0,
+            # The cold start's phase (environment, process, code) or None; the countdown to
+            # the scale-down of an idle worker above what the endpoint wants (None: it stays).
+            "phase": w.phase if w.live else None,
+            "scale_down_in_s": _round(self.scheduler.scale_down_in(ep, w)),
+            "idle_timeout": ep.config.idle_timeout,
             **self.ledger.worker_bill(w, ep, now),
             "reason": w.reason,
             # session -> what it keeps here; "notebook" is the session's short name.
@@ -125,6 +154,15 @@ class Views:
             "has_handler": ep.handler is not None,
             "workers": [self.worker_view(w, ep) for w in ep.workers.values()],
             "health": health,
+            "queue": len(ep.queue),
+            "starts": {
+                "cold": ep.cold_starts,
+                "warm": ep.warm_starts,
+                "last_cold_ms": None if ep.last_cold_ms is None else round(ep.last_cold_ms, 1),
+                "mean_cold_ms": round(ep.cold_ms_total / ep.cold_starts, 1)
+                if ep.cold_starts
+                else None,
+            },
             **self.ledger.endpoint_bill(ep, self.wall()),
             "emulated": any(w.emulated for w in ep.workers.values())
             or self._would_emulate(ep.config),

@@ -17,7 +17,7 @@ from typing import Any
 
 from .. import credentials, shm, wire
 from ..config import EndpointConfig
-from ..errors import ConfigError
+from ..errors import BudgetExceeded
 from . import model as m
 from .control import ControlPlane, NotFound
 from .frames import MAX_FRAME, FrameProtocol
@@ -128,8 +128,9 @@ class Connection:
             if rid is not None:
                 self.send({"op": "reply", "rid": rid, "ok": False, "error": str(e)})
             elif jid is not None:
+                kind = "BudgetExceeded" if isinstance(e, BudgetExceeded) else "SubmitError"
                 self.send({"op": "done", "id": jid, "status": m.FAILED,
-                           "error": {"message": str(e), "type": "SubmitError"}})  # fmt: skip
+                           "error": {"message": str(e), "type": kind}})  # fmt: skip
             else:
                 self.send({"op": "error", "message": str(e)})
 
@@ -202,6 +203,12 @@ class Connection:
                 self._job_done(item, bufs)
         elif op == "release":
             self.cp.route_release(self.spool_paths(meta["paths"]))
+        elif op == "started":  # once per incarnation: its first job's code is loaded
+            job = self.cp.jobs.get(meta["id"])
+            if job is not None and job.worker_id == self.worker[0]:
+                _, w = self.cp.lifecycle.find(*self.worker)
+                if w is not None:
+                    self.cp.lifecycle.code_loaded(w)
         elif op in ("out", "display", "chunk"):
             cp = self.cp
             job = cp.jobs.get(meta["id"])
@@ -325,25 +332,18 @@ class Connection:
 
     def op_deploy(self, meta: dict[str, Any], bufs: list[bytearray]) -> None:
         cfg = EndpointConfig.from_dict(meta["config"])
-        changes = meta.get("changes")
-        if changes is not None:
-            if not isinstance(changes, dict):
-                raise ConfigError("deploy: changes must be a mapping of settings")
-            existing = self.cp.endpoints.get(cfg.name)
-            if existing is not None:  # only the settings named change (the magics' rule)
-                cfg = existing.config.changed(**changes)
+        cfg = self.cp.with_changes(cfg, meta.get("changes"))
+        serves = self.cp.check_serves(meta.get("serves"))
         handler = meta.get("handler")
         if handler:
             self.cp.put_function(
                 handler, meta["hc"], self.own_refs(meta["hrefs"], bufs, self.writer)
             )
-        serves = meta.get("serves")
-        if serves not in (None, "function", "class", "cells"):
-            raise ConfigError(f"deploy: serves must be function, class or cells, not {serves!r}")
         self._reply(meta, self.cp.deploy(cfg, handler, serves=serves))
 
     def op_submit(self, meta: dict[str, Any], bufs: list[bytearray]) -> None:
         _check_submit(meta)
+        self.cp.budget.check_submit(meta["ep"])  # before anything is recorded
         fn = meta.get("fn")
         blobs = self.own_refs(meta["refs"], bufs, self.writer)
         body: dict[str, Any] = {"codec": meta.get("c", "cloudpickle"), "stamp": meta.get("stamp"),
@@ -363,7 +363,8 @@ class Connection:
         elif fn and self.cp.get_function(fn) is None:
             self.send({"op": "need_fn", "id": meta["id"], "fn": fn})
             return
-        self.cp.submit(meta["ep"], "py", body, fn=fn, owner=self, job_id=meta["id"])
+        self.cp.submit(meta["ep"], "py", body, fn=fn, owner=self, job_id=meta["id"],
+                       progress=bool(meta.get("progress")))  # fmt: skip
         self.jobs.add(meta["id"])
 
     def op_cancel(self, meta: dict[str, Any], bufs: list[bytearray]) -> None:

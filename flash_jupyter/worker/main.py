@@ -51,6 +51,7 @@ class Worker:
         self._cell_session: str | None = None
         self._paths_seen: set[tuple[str, ...]] = set()
         self.current: str | None = None  # job running on the main thread
+        self.code_loaded = False  # said "started" (once per process: ends the cold start)
         self.lock = threading.Lock()
         self.pending: list[tuple[dict[str, Any], list[Any]]] = []
         self.capture = OutputCapture(self._send_output)
@@ -226,6 +227,8 @@ class Worker:
                 self._add_paths(meta["paths"])
             fn = self._function(meta, bufs)
             if kind == "json":
+                if not self.code_loaded:
+                    self._started(jid)
                 value = fn(**(meta.get("input") or {}))
                 value = self._settle(value, jid, stream=True)
                 try:
@@ -238,6 +241,8 @@ class Worker:
                 return {"op": "done", "id": jid, "ok": True, "output": value}, []
             blobs = [shm.open_blob(r, bufs, self.releaser) for r in meta["refs"]]
             call = wire.loads_call(blobs[0], blobs[1:], meta.get("c", "cloudpickle"))
+            if not self.code_loaded:
+                self._started(jid)
             value = self._settle(self._invoke(fn, meta.get("fn"), call), jid, stream=False)
             payload = wire.dumps(value, what="the return value")
             out_bufs: list[Any] = []
@@ -260,6 +265,12 @@ class Worker:
             self.capture.end()
             if self.fds is not None:
                 self.fds.drain(jid)
+
+    def _started(self, jid: str) -> None:
+        """The first job's code is loaded and about to run: the control plane ends this
+        worker's cold start ("code" phase) there. Once per process, never for warm jobs."""
+        self.code_loaded = True
+        self.conn.send({"op": "started", "id": jid})
 
     def _add_paths(self, paths: list[str]) -> None:
         key = tuple(paths)
