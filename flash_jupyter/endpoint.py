@@ -29,6 +29,7 @@ from . import errors, wire
 from .client import Client, get_client
 from .config import EndpointConfig
 from .job import Job
+from .jupyter import receipts, usage
 
 _CO_COROUTINE = 0x80  # inspect.CO_COROUTINE, without importing inspect
 _by_value_done: set[str] = set()
@@ -109,14 +110,24 @@ class _Remote:
         except errors.SerializationError as e:
             raise e from None  # the message quotes the pickler's own complaint
 
-    def _submit_call(self, fn: wire.Payload, call: wire.Call | wire.MethodCall) -> Job:
+    def _submit_call(
+        self, fn: wire.Payload, call: wire.Call | wire.MethodCall, progress: bool = False
+    ) -> Job:
+        """Send one call. ``progress``: ask for progress frames (a notebook's receipt)."""
         client = self._client()
         try:
             payload = wire.dumps_call(call, what="argument")
         except errors.SerializationError as e:
             raise errors.SerializationError(_name_argument(str(e), call)) from None
-        state = client.submit(self.name, fn, payload)
+        usage.note(self.config)
+        state = client.submit(self.name, fn, payload, progress=progress)
         return Job(state, client, f"endpoint {self.name}")
+
+    def _call(self, fn: wire.Payload, call: wire.Call | wire.MethodCall) -> Any:
+        """A blocking call; in a notebook, with its live receipt when it is not fast."""
+        __tracebackhide__ = True
+        live = receipts.live_for(self.name)
+        return self._submit_call(fn, call, live is not None).result(live=live)
 
 
 # The call's fields that hold the caller's arguments, and how a message names them.
@@ -154,7 +165,8 @@ class RemoteFunction(_Remote):
         return f"<RemoteFunction {self.name} ({self.config.hardware.name})>"
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.submit(*args, **kwargs).result()
+        __tracebackhide__ = True
+        return self._call(self._fn_payload(), wire.Call(args, kwargs))
 
     def submit(self, *args: Any, **kwargs: Any) -> Job:
         return self._submit_call(self._fn_payload(), wire.Call(args, kwargs))
@@ -162,14 +174,16 @@ class RemoteFunction(_Remote):
     def map(
         self, iterable: Iterable[Any], *, timeout: float | None = None, progress: bool = False
     ) -> list[Any]:
-        """Call the function on every item; results in order. ``progress`` shows a counter.
-        An item's error is raised as it is, with a note saying which item it was; the
-        other jobs are then cancelled."""
+        """Call the function on every item; results in order. In a notebook, a map that
+        takes over a second shows one progress bar (unless receipts are off); elsewhere
+        ``progress`` writes a counter to stderr. An item's error is raised as it is, with a
+        note saying which item it was; the other jobs are then cancelled."""
         fn = self._fn_payload()
         label = getattr(self._target, "__qualname__", self.name)
         counter = self.name if progress else None
-        return _map(lambda x: self._submit_call(fn, wire.Call((x,), {})), iterable, timeout,
-                    f"{label}.map", counter)  # fmt: skip
+        bar = receipts.wanted()
+        return _map(lambda x: self._submit_call(fn, wire.Call((x,), {}), bar), iterable,
+                    timeout, f"{label}.map", counter, bar)  # fmt: skip
 
     def local(self, *args: Any, **kwargs: Any) -> Any:
         """Run the undecorated function here, in this process."""
@@ -231,18 +245,27 @@ class RemoteMethod:
     def __init__(self, inst: RemoteInstance, name: str):
         self._inst, self._name = inst, name
 
-    def submit(self, *args: Any, **kwargs: Any) -> Job:
+    def _method_call(self, args: tuple, kwargs: dict) -> wire.MethodCall:
         i = self._inst
-        call = wire.MethodCall(i._key, i._args, i._kwargs, self._name, args, kwargs)
-        return i._rc._submit_call(i._rc._fn_payload(), call)
+        return wire.MethodCall(i._key, i._args, i._kwargs, self._name, args, kwargs)
+
+    def submit(self, *args: Any, **kwargs: Any) -> Job:
+        rc = self._inst._rc
+        return rc._submit_call(rc._fn_payload(), self._method_call(args, kwargs))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.submit(*args, **kwargs).result()
+        __tracebackhide__ = True
+        rc = self._inst._rc
+        return rc._call(rc._fn_payload(), self._method_call(args, kwargs))
 
     def map(self, iterable: Iterable[Any], *, timeout: float | None = None) -> list[Any]:
-        """Call the method on every item; results in order (errors as for a function's)."""
+        """Call the method on every item; results in order (errors as for a function's;
+        a progress bar in a notebook as for a function's)."""
         label = f"{self._inst._rc._target.__name__}.{self._name}.map"
-        return _map(self.submit, iterable, timeout, label, None)
+        rc, bar = self._inst._rc, receipts.wanted()
+        fn = rc._fn_payload()
+        return _map(lambda x: rc._submit_call(fn, self._method_call((x,), {}), bar), iterable,
+                    timeout, label, None, bar)  # fmt: skip
 
 
 def _map(
@@ -251,11 +274,14 @@ def _map(
     timeout: float | None,
     label: str,
     counter: str | None,
+    bar: bool = False,
 ) -> list[Any]:
     """Submit one job per item, then collect the results in order. An error is raised as
-    it is (its type kept) with a note naming the item; the other jobs are cancelled."""
+    it is (its type kept) with a note naming the item; the other jobs are cancelled.
+    ``bar``: show a notebook progress bar (receipts.MapProgress) if it takes a while."""
     jobs: list[Job] = []
     out: list[Any] = []
+    live = receipts.MapProgress(label, jobs) if bar else None
     try:
         for x in iterable:
             try:
@@ -267,16 +293,22 @@ def _map(
         n = len(jobs)
         for i, j in enumerate(jobs):
             try:
-                out.append(j.result(timeout))
+                out.append(j.result(timeout, live))
             except KeyboardInterrupt as e:
                 _note(e, f"(in {label}: its other unfinished jobs were cancelled too)")
+                if live is not None:
+                    live.end("interrupted: the unfinished jobs were cancelled")
                 raise
             except BaseException as e:
                 _note(e, f"(raised by item {i} of {n} in {label}, counting from 0)")
+                if live is not None:
+                    live.end(f"stopped: item {i} raised; the unfinished jobs were cancelled")
                 raise
-            if counter:
+            if counter and live is None:
                 sys.stderr.write(f"\r{counter}: {i + 1}/{n} done")
-        if counter:
+        if live is not None:
+            live.end()
+        elif counter:
             sys.stderr.write("\n")
     except BaseException:
         for j in jobs:

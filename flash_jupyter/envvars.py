@@ -106,6 +106,9 @@ VARS: tuple[Var, ...] = (
         "whose arguments would need a larger frame fails before sending with "
         "`SerializationError`. Arguments of 1 MiB or more on the control plane's host travel "
         "through the spool and do not count.", minimum=1),
+    Var("FLASH_JUPYTER_RECEIPTS", FLAG, True, "notebook kernels", "`1`",
+        "`0` (or empty): no live receipts or progress bars for `%%flash` cells, blocking calls "
+        "and `.map` in a notebook (`%flash config receipts=off` does it for one kernel)"),
     Var("JPY_SESSION_NAME", TEXT, None, "`%%flash`", "set by Jupyter",
         "names the notebook's namespace on the worker; without it, `kernel-PID`"),
     Var("MPLBACKEND", TEXT, None, "workers running `%%flash` cells", "`Agg`",

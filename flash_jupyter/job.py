@@ -10,7 +10,8 @@ from __future__ import annotations
 import queue
 import sys
 import time
-from typing import Any
+from collections import deque
+from typing import Any, Protocol
 
 from . import errors, wire
 from .client import Client, JobState
@@ -18,6 +19,16 @@ from .client import Client, JobState
 TERMINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"})
 # Outcome keys that carry payloads, not information for a person.
 _PAYLOAD_KEYS = ("blobs", "refs", "op", "c")
+
+
+class Live(Protocol):
+    """What ``Job.wait`` drives while it waits, on the waiting thread (a notebook's live
+    receipt or progress bar: ``jupyter/receipts.py``)."""
+
+    def tick(self) -> None: ...  # about every 0.1 s, and after each event
+    def progress(self, meta: dict[str, Any]) -> None: ...  # a progress frame (state, phase)
+    def finish(self, outcome: dict[str, Any]) -> None: ...  # the job's last word
+    def interrupted(self) -> None: ...  # the wait was interrupted (the job gets cancelled)
 
 
 class Job:
@@ -30,6 +41,10 @@ class Job:
         self.where = where  # "endpoint NAME", for messages
         self.id = state.id
         self.endpoint = state.endpoint
+        # The last progress frame (status, phase, worker, hardware), when the submit asked
+        # for them; and events taken off the queue early by poll(), in order, for wait().
+        self.progress: dict[str, Any] | None = None
+        self._held: deque[tuple[str, Any]] = deque()
 
     def __repr__(self) -> str:
         return f"<Job {self.id[:8]} on {self.endpoint}: {self.status()}>"
@@ -58,37 +73,74 @@ class Job:
         if not self.done():
             self._client.cancel(self.id)
 
-    def wait(self, timeout: float | None = None) -> dict[str, Any]:
+    def wait(self, timeout: float | None = None, live: Live | None = None) -> dict[str, Any]:
         """Wait for the outcome, showing the job's output here as it arrives.
 
         Several waiters may wait on one job (a ``--noblock`` cell's stream and its
-        ``result()``): the outcome is left in place for the next one.
+        ``result()``): the outcome is left in place for the next one. ``live`` is ticked
+        while waiting and told of progress frames and of the end.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        ev = self._state.events
-        while True:
-            left = 0.2 if deadline is None else min(0.2, deadline - time.monotonic())
-            try:
-                # Short slices: a pending interrupt is handled within 0.2 s.
-                kind, data = ev.get(timeout=max(0.0, left))
-            except queue.Empty:
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise TimeoutError(f"job {self.id} not done after {timeout:g} s") from None
-                continue
-            if kind != "done":
-                emit(kind, data)
-            else:
-                ev.put(("done", data))
-                return data
+        ev, held = self._state.events, self._held
+        step = 0.2 if live is None else 0.1
+        try:
+            while True:
+                if held:
+                    kind, data = held.popleft()
+                else:
+                    left = step if deadline is None else min(step, deadline - time.monotonic())
+                    try:
+                        # Short slices: a pending interrupt is handled within 0.2 s.
+                        kind, data = ev.get(timeout=max(0.0, left))
+                    except queue.Empty:
+                        if deadline is not None and time.monotonic() >= deadline:
+                            raise TimeoutError(
+                                f"job {self.id} not done after {timeout:g} s"
+                            ) from None
+                        if live is not None:
+                            live.tick()
+                        continue
+                if kind == "done":
+                    ev.put(("done", data))
+                    if live is not None:
+                        live.finish(data)
+                    return data
+                if kind == "progress":
+                    self.progress = data
+                    if live is not None:
+                        live.progress(data)
+                else:
+                    emit(kind, data)
+                if live is not None:
+                    live.tick()
+        except KeyboardInterrupt:
+            if live is not None:
+                live.interrupted()
+            raise
 
-    def result(self, timeout: float | None = None) -> Any:
+    def poll(self) -> None:
+        """Take what has arrived for the job without waiting, on the thread that waits
+        (a map's bar): progress frames are noted, everything else kept in order for
+        ``wait``."""
+        ev = self._state.events
+        while not ev.empty():
+            try:
+                kind, data = ev.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "progress":
+                self.progress = data
+            else:
+                self._held.append((kind, data))
+
+    def result(self, timeout: float | None = None, live: Live | None = None) -> Any:
         """Wait for the job, streaming its output here, and return its value (or raise).
 
         Interrupting the wait (Ctrl-C, a notebook's stop button) cancels the remote job.
         """
         __tracebackhide__ = True
         try:
-            outcome = self.wait(timeout)
+            outcome = self.wait(timeout, live)
         except KeyboardInterrupt:
             raise self.interrupted() from None
         return decode(outcome, self.where)
@@ -143,6 +195,8 @@ class Job:
             kind, data = state.events.get()
             if kind == "out":
                 sink(*data)
+            elif kind == "progress":
+                self.progress = data
             else:
                 state.events.put((kind, data))
                 break
@@ -204,6 +258,8 @@ def decode(outcome: dict[str, Any], where: str) -> Any:
     if status == "FAILED" and "traceback" in err:
         raise wire.rebuild_exception(err, here)
     reason = err.get("message", "no reason given") if isinstance(err, dict) else str(err)
+    if isinstance(err, dict) and err.get("type") == "BudgetExceeded":
+        raise errors.BudgetExceeded(reason, err.get("endpoint"))
     if status == "CANCELLED":
         raise errors.JobCancelled(jid, status, reason)
     if status == "TIMED_OUT":

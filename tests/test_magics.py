@@ -327,7 +327,7 @@ def test_the_notebook_is_told_when_its_remote_state_goes(kernel, name, http):
     wait_for(lambda: kernel.value("bool(m.lost)") == "True", what="the state_lost notice")
     text = kernel.value("repr(m)")
     assert "lost" in text and worker in text and ".fetch()" not in text, text
-    out = kernel.ok("%flash status").stdout
+    out = kernel.ok("%flash status --text").stdout
     assert f"lost m on {name} (worker {worker})" in out, out
 
 
@@ -439,10 +439,11 @@ def test_line_magic_commands(fresh_kernel, name, http):
     k = fresh_kernel
     k.ok(f'%%flash name={name}\nprint("hello from the worker")')
     [worker] = [w["id"] for w in endpoint(http, name)["workers"]]
-    out = k.ok("%flash status").stdout
+    out = k.ok("%flash status --text").stdout
     assert name in out and worker in out, out
     assert "state" in out and "hardware" in out
-    out = k.ok("%flash").stdout  # status is the default
+    r = k.ok("%flash")  # status is the default (the dashboard, with ipywidgets)
+    out = r.stdout + "".join(m.content["data"].get("text/plain", "") for m in r.displays)
     assert name in out
     out = k.ok("%flash endpoints").stdout
     assert any(line.startswith(name) and "ready" in line for line in out.splitlines()), out
@@ -568,7 +569,7 @@ def test_magic_usage_names_the_magics(kernel):
     assert "%%flash [--noblock]" in usage, usage
     assert "flash_cell" not in usage, usage
     usage = kernel.run("%flash?").ok().pager.split("Inspect and steer")[0]
-    assert "%flash [command]" in usage, usage
+    assert "%flash [--endpoint ENDPOINT] [--text] [command]" in usage, usage
     assert "flash_line" not in usage, usage
     # IPython shows a UsageError as text on stderr, without a traceback.
     err = kernel.run("%%flash --no-such-flag\npass").stderr

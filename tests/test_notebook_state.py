@@ -264,7 +264,7 @@ def test_copies_do_not_pile_up_on_the_worker(kernel, name, http):
     # SCALE stays because the kept f reads it (f(2) below works); it is not state.
     assert r.stdout == "['SCALE', 'big', 'display', 'f']\n", r.stdout
     assert kernel.value(f"{head}\nf(2)") == "6"
-    out = kernel.ok("%flash status").stdout
+    out = kernel.ok("%flash status --text").stdout
     keeps = [line for line in out.splitlines() if " keeps " in line and name in line]
     assert len(keeps) == 1 and f"keeps {session}'s big, f (8.0 MB)" in keeps[0], out
     mine = [line for line in out.splitlines() if line.startswith("remote state of this notebook")]

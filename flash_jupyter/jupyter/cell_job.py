@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import errors, wire
-from ..job import Job, decode
+from ..job import Job, Live, decode
 from . import cellcode
 from .remote import RemoteValue
 from .remote_names import Home, RemoteNames
@@ -110,13 +110,14 @@ def finish_cell(
     ns: MutableMapping[str, Any],
     fetch: Callable[[RemoteValue], Any] | None,
     timeout: float | None = None,
+    live: Live | None = None,
 ) -> Any:
     """Wait for the cell's job, put the names it bound into ``ns`` and return its last
-    value (a proxy when the value stayed on the worker)."""
+    value (a proxy when the value stayed on the worker). ``live``: its receipt."""
     __tracebackhide__ = True
     endpoint = plan.endpoint
     try:
-        outcome = job.wait(timeout)
+        outcome = job.wait(timeout, live)
     except KeyboardInterrupt:
         raise job.interrupted() from None  # cancels it; says which job, endpoint, worker
     wid = outcome.get("workerId", "?")

@@ -21,6 +21,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from .. import envvars, errors
+from ..catalog import money
 from ..client import get_client
 from ..config import (
     EndpointConfig,
@@ -31,7 +32,8 @@ from ..config import (
     settings_help,
 )
 from ..job import Job
-from ..status_text import format_status
+from ..status_text import format_budget, format_status, parse_budget
+from . import receipts, usage
 from .cell_job import CellJob, CellPlan, finish_cell, pickle_cell, plan_cell
 from .remote import RemoteValue
 from .remote_names import RemoteNames
@@ -54,7 +56,9 @@ _COMMANDS = {
     "stop": "%flash stop NAME",
     "scale": "%flash scale NAME MIN,MAX",
     "warm": "%flash warm NAME",
-    "config": "%flash config [key=value ...]",
+    "config": "%flash config [key=value ...] [receipts=on|off]",
+    "budget": "%flash budget [LIMIT|off] [--endpoint NAME]",
+    "cost": "%flash cost",
 }
 _NEEDS_NAME = {"logs", "stop", "scale", "warm"}
 
@@ -98,13 +102,17 @@ class FlashMagics(Magics):
         __tracebackhide__ = True
         args = parse_argstring(self.flash_cell, line)
         settings = parse_tokens(args.settings)
-        plan, job = self._submit(cell, settings, args)
+        live = receipts.wanted()
+        plan, job = self._submit(cell, settings, args, progress=live)
         if args.noblock:
             # The notice first, whole: the job's output starts streaming with the handle.
             print(f"running as {args.output} (job {job.id[:8]} on {plan.endpoint})", flush=True)
             self.shell.user_ns[args.output] = CellJob(job, plan, self._finish)
+            if live:
+                receipts.track_noblock(job)
             return None
-        value = self._finish(job, plan, None)
+        receipt = receipts.Receipt(plan.endpoint) if live else None
+        value = self._finish(job, plan, None, receipt)
         if args.local:
             self._compare_locally(cell, plan)
         if DisplayHook.semicolon_at_end_of_expression(cell):
@@ -132,7 +140,10 @@ class FlashMagics(Magics):
         number = getattr(running, "execution_count", None) or self.shell.execution_count
         return self.shell.compile.cache(cell, number)
 
-    def _submit(self, cell: str, settings: dict[str, Any], args: Any) -> tuple[CellPlan, Job]:
+    def _submit(
+        self, cell: str, settings: dict[str, Any], args: Any, progress: bool = False
+    ) -> tuple[CellPlan, Job]:
+        """Send the cell. ``progress``: ask for progress frames (its receipt)."""
         __tracebackhide__ = True
         config, changes, limit = self._config(settings)
         name = config.name
@@ -150,7 +161,8 @@ class FlashMagics(Magics):
         if self.deployed.get(name) != sent or name not in client.deployed:
             client.deploy(config.to_dict(), changes=changes, serves="cells")
             self.deployed[name] = sent
-        state = client.submit(name, None, payload, plan.affinity)
+        usage.note(config)
+        state = client.submit(name, None, payload, plan.affinity, progress=progress)
         return plan, Job(state, client, f"endpoint {name}")
 
     def _on_state_lost(self, notice: dict[str, Any]) -> None:
@@ -166,9 +178,10 @@ class FlashMagics(Magics):
             lost = ", ".join(names)
             self.lost_notes.append(f"lost {lost} on {endpoint} (worker {who}): {reason}")
 
-    def _finish(self, job: Job, plan: CellPlan, timeout: float | None) -> Any:
+    def _finish(self, job: Job, plan: CellPlan, timeout: float | None, live: Any = None) -> Any:
         __tracebackhide__ = True
-        return finish_cell(job, plan, self.remote, self.shell.user_ns, self._fetch, timeout)
+        return finish_cell(job, plan, self.remote, self.shell.user_ns, self._fetch, timeout,
+                           live)  # fmt: skip
 
     def _fetch(self, proxy: RemoteValue) -> Any:
         settings = {"name": proxy.endpoint, "limit": 1 << 62}  # the endpoint as it is
@@ -194,12 +207,26 @@ class FlashMagics(Magics):
     @magic_arguments("flash")
     @argument("command", nargs="?", default="status",
               help="status | endpoints | logs NAME | stop NAME | scale NAME MIN,MAX | "
-              "warm NAME | config [key=value ...]")  # fmt: skip
+              "warm NAME | config [key=value ...] [receipts=on|off] | "
+              "budget [LIMIT|off] [--endpoint NAME] | cost")  # fmt: skip
     @argument("rest", nargs="*")
+    @argument("--endpoint", default=None, help="budget: the limit of this endpoint only")
+    @argument("--text", action="store_true", help="status: as text, not the live dashboard")
     @line_magic("flash")
     def flash_line(self, line: str) -> Any:
         """Inspect and steer endpoints: %flash status | endpoints | logs NAME | stop NAME |
-        scale NAME MIN,MAX | warm NAME | config [key=value ...]"""
+        scale NAME MIN,MAX | warm NAME | config [key=value ...] [receipts=on|off] |
+        budget [LIMIT|off] [--endpoint NAME] | cost
+
+        status: the live dashboard (with ipywidgets; --text, or without it: a text table).
+        config: session defaults for %%flash cells (endpoint settings, as on a %%flash
+        line); receipts=off|on turns this kernel's live receipts and progress bars off or
+        on (a display setting: FLASH_JUPYTER_RECEIPTS=0 does it for every kernel).
+        budget: the control plane's spending guard: LIMIT in USD for the session's spend
+        (or one endpoint's, --endpoint NAME), off to clear it; no argument: show it.
+        cost: what the session billed for the endpoints this notebook used, beside what a
+        whole-kernel GPU notebook would have cost since its first GPU cell.
+        """
         args = parse_argstring(self.flash_line, line)
         cmd, rest = args.command, args.rest
         if cmd not in _COMMANDS:
@@ -212,13 +239,13 @@ class FlashMagics(Magics):
             )
         if cmd in _NEEDS_NAME and not rest:
             raise errors.ConfigError(f"%flash {cmd} needs an endpoint name: {_COMMANDS[cmd]}")
+        if args.endpoint is not None and cmd != "budget":
+            raise errors.ConfigError(f"--endpoint goes with %flash budget: {_COMMANDS['budget']}")
         if cmd == "config":
-            if rest:
-                new = parse_tokens(rest)
-                self._config(new)  # validate before keeping
-                self.defaults.update(new)
-            print("session defaults for %%flash:", self.defaults or "(none)")
+            self._config_command(rest)
             return None
+        if cmd == "budget":
+            limit = _budget_limit(rest)  # checked before anything is started
         if cmd == "scale":  # checked before anything is started
             if len(rest) != 2:
                 raise errors.ConfigError(f"usage: {_COMMANDS['scale']}")
@@ -228,7 +255,13 @@ class FlashMagics(Magics):
                 raise errors.ConfigError(str(e)) from None
         client = get_client()
         if cmd == "status":
-            print(format_status(client.endpoints(), client.billing()))
+            board = None if args.text else _dashboard()
+            if board is not None:
+                from IPython.display import display
+
+                display(board)
+            else:
+                print(format_status(client.endpoints(), client.billing()))
             for line in self.remote.summary() + self.lost_notes[-10:]:
                 print(line)
             return None
@@ -236,7 +269,19 @@ class FlashMagics(Magics):
             for e in client.endpoints():
                 h = e["health"]["workers"]
                 print(f"{e['name']:24} {e['hardware']:12} ready {h['ready']}  running "
-                      f"{h['running']}  cost ${e['cost']:.6f}")  # fmt: skip
+                      f"{h['running']}  cost {money(e['cost'])}")  # fmt: skip
+            return None
+        if cmd == "budget":
+            if limit is not _SHOW:
+                view = client.set_budget(limit, args.endpoint)
+            else:
+                view = client.budget()
+            print(format_budget(view, args.endpoint, how="%flash budget"))
+            return None
+        if cmd == "cost":
+            from IPython.display import display
+
+            display(usage.cost_view(client.billing(), client.endpoints()))
             return None
         name = rest[0]
         if cmd == "logs":
@@ -249,10 +294,63 @@ class FlashMagics(Magics):
             print(client.scale(name, wmin, wmax))
         elif cmd == "warm":
             args = parse_argstring(self.flash_cell, "")
-            plan, job = self._submit("pass", {"name": name}, args)
-            self._finish(job, plan, None)
+            live = receipts.wanted()
+            plan, job = self._submit("pass", {"name": name}, args, progress=live)
+            self._finish(job, plan, None, receipts.Receipt(name) if live else None)
             print(f"{name}: a worker is warm")
         return None
+
+    def _config_command(self, tokens: list[str]) -> None:
+        """``%flash config``: endpoint defaults for %%flash cells, and the kernel's display
+        setting ``receipts`` (not an endpoint setting: it never reaches the control plane).
+        Everything is checked before anything is kept."""
+        shown = [t for t in tokens if t.split("=", 1)[0].strip().lower() == "receipts"]
+        rest = [t for t in tokens if t not in shown]
+        on = None
+        for t in shown:
+            value = t.split("=", 1)[1].strip().lower() if "=" in t else ""
+            if value not in _ON_OFF:
+                raise errors.ConfigError(
+                    f"receipts takes on or off, not {value!r}: %flash config receipts=off"
+                )
+            on = _ON_OFF[value]
+        new = parse_tokens(rest) if rest else {}
+        if new:
+            self._config(new)  # validate before keeping
+        self.defaults.update(new)
+        if on is not None:
+            receipts.set_enabled(on)
+        print("session defaults for %%flash:", self.defaults or "(none)")
+        print(f"receipts: {'on' if receipts.enabled() else 'off'} (live status and progress "
+              f"in this kernel: %flash config receipts=on|off)")  # fmt: skip
+
+
+_ON_OFF = {"on": True, "1": True, "true": True, "yes": True,
+           "off": False, "0": False, "false": False, "no": False}  # fmt: skip
+_SHOW = object()  # %flash budget with no limit: show it
+
+
+def _budget_limit(rest: list[str]) -> Any:
+    """``%flash budget``'s argument: a limit in USD, None for off, or _SHOW."""
+    if not rest:
+        return _SHOW
+    if len(rest) > 1:
+        raise errors.ConfigError(f"usage: {_COMMANDS['budget']}")
+    try:
+        return parse_budget(rest[0])
+    except ValueError as e:
+        raise errors.ConfigError(f"{e}: %flash budget 2.50") from None
+
+
+def _dashboard() -> Any:
+    """The live dashboard widget, when ipywidgets and the dashboard are here; else None."""
+    try:
+        import ipywidgets  # noqa: F401
+
+        from .dashboard import dashboard
+    except ImportError:
+        return None
+    return dashboard()
 
 
 def load_ipython_extension(ip: Any) -> None:
