@@ -26,6 +26,7 @@ _EXPORTS = {
     "RemoteClass": "endpoint",
     "RemoteFunction": "endpoint",
     "AuthError": "errors",
+    "BudgetExceeded": "errors",
     "ConfigError": "errors",
     "ControlPlaneError": "errors",
     "FlashError": "errors",
@@ -36,6 +37,7 @@ _EXPORTS = {
     "RemoteStateLost": "errors",
     "SerializationError": "errors",
     "VersionMismatch": "errors",
+    "dashboard": "jupyter.dashboard",
 }
 
 if TYPE_CHECKING:
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
     from .endpoint import Endpoint, RemoteClass, RemoteFunction
     from .errors import (
         AuthError,
+        BudgetExceeded,
         ConfigError,
         ControlPlaneError,
         FlashError,
@@ -75,12 +78,19 @@ def load_ipython_extension(ip) -> None:
     load(ip)
 
 
+def _jupyter_server_extension_points() -> list[dict[str, str]]:
+    """The Jupyter server extension (enabled as ``flash_jupyter``) lives in ``labserver``,
+    so that ``import flash_jupyter`` never loads Jupyter's or tornado's modules."""
+    return [{"module": "flash_jupyter.labserver"}]
+
+
 def __dir__() -> list[str]:
     return sorted([*globals(), *_EXPORTS])
 
 
 __all__ = [
     "AuthError",
+    "BudgetExceeded",
     "ConfigError",
     "ControlPlaneError",
     "Endpoint",
@@ -97,4 +107,5 @@ __all__ = [
     "SerializationError",
     "VersionMismatch",
     "__version__",
+    "dashboard",
 ]
