@@ -194,7 +194,10 @@ class Socket:
         return self.loop.run_until_complete(read())
 
     def close(self) -> None:
-        self.conn.close()
+        async def close() -> None:  # tornado's close needs the loop current
+            self.conn.close()
+
+        self.loop.run_until_complete(close())
         self.loop.close()
 
 
