@@ -91,6 +91,8 @@ def live_for(endpoint: str) -> Receipt | None:
 def seconds(s: float | None) -> str:
     if s is None:
         return "?"
+    if s < 0.1:  # a warm queue or a spare worker's cold start: milliseconds say more
+        return f"{s * 1000:.0f} ms"
     if s < 10:
         return f"{s:.2f} s" if s < 1 else f"{s:.1f} s"
     if s < 120:
@@ -125,7 +127,8 @@ def receipt_fields(endpoint: str, outcome: dict[str, Any], hardware: str | None)
         "cold": cold,
         "queue_s": queue,
         "cold_start_s": cold_s,
-        "cold_start_phases_s": {k: v / 1000 for k, v in phases.items() if v is not None},
+        # Phases that did not happen (no environment to build) are left out.
+        "cold_start_phases_s": {k: v / 1000 for k, v in phases.items() if v},
         "run_s": run,
         "price_per_second": price,
         "cost_run": cost_run,
