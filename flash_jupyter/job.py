@@ -26,6 +26,7 @@ class Live(Protocol):
     receipt or progress bar: ``jupyter/receipts.py``)."""
 
     def tick(self) -> None: ...  # about every 0.1 s, and after each event
+    def holds_output(self) -> bool: ...  # keep the job's output back (it is not shown yet)
     def progress(self, meta: dict[str, Any]) -> None: ...  # a progress frame (state, phase)
     def finish(self, outcome: dict[str, Any]) -> None: ...  # the job's last word
     def interrupted(self) -> None: ...  # the wait was interrupted (the job gets cancelled)
@@ -78,11 +79,18 @@ class Job:
 
         Several waiters may wait on one job (a ``--noblock`` cell's stream and its
         ``result()``): the outcome is left in place for the next one. ``live`` is ticked
-        while waiting and told of progress frames and of the end.
+        while waiting and told of progress frames and of the end. While it holds the output
+        (a receipt that may still appear), output waits, so that the receipt stands above it.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         ev, held = self._state.events, self._held
         step = 0.2 if live is None else 0.1
+        kept: list[tuple[str, Any]] = []  # output held back for the receipt
+
+        def release() -> None:
+            while kept:
+                emit(*kept.pop(0))
+
         try:
             while True:
                 if held:
@@ -99,23 +107,31 @@ class Job:
                             ) from None
                         if live is not None:
                             live.tick()
+                            if kept and not live.holds_output():
+                                release()
                         continue
                 if kind == "done":
                     ev.put(("done", data))
                     if live is not None:
                         live.finish(data)
+                        release()
                     return data
                 if kind == "progress":
                     self.progress = data
                     if live is not None:
                         live.progress(data)
+                elif live is not None and live.holds_output():
+                    kept.append((kind, data))
                 else:
                     emit(kind, data)
                 if live is not None:
                     live.tick()
+                    if kept and not live.holds_output():
+                        release()
         except KeyboardInterrupt:
             if live is not None:
                 live.interrupted()
+                release()
             raise
 
     def poll(self) -> None:

@@ -165,6 +165,23 @@ def test_fast_warm_calls_show_nothing_slow_ones_a_receipt(kernel, name):
     assert text.startswith(f"✓ Done · {name} · ") and " · warm · " in text, text
 
 
+def test_the_receipt_stands_above_the_output(kernel, name):
+    """Output that comes before the receipt shows is held back until it does: the receipt is
+    above what the cell prints; a fast cell prints and shows no receipt."""
+    kernel.ok(f"%%flash name={name}\n1", timeout=60)  # warm
+    r = kernel.ok(f"%%flash name={name}\nprint('first', flush=True)\nimport time\n"
+                  "time.sleep(1.0)\nprint('last')")  # fmt: skip
+    order = [
+        "receipt" if m.type in ("display_data", "update_display_data") else m.content["text"]
+        for m in r.msgs
+        if m.type in ("display_data", "update_display_data", "stream")
+    ]
+    assert order[0] == "receipt" and "first\n" in order and "last\n" in order, order
+    r = kernel.ok(f"%%flash name={name}\nprint('quick')")
+    no_display(r)
+    assert r.stdout == "quick\n"
+
+
 def test_receipts_off_show_nothing(kernel, name):
     out = kernel.ok("%flash config receipts=off").stdout
     assert "receipts: off" in out

@@ -228,6 +228,11 @@ class Receipt:
             self.state, self.phase, self.hardware = state, phase, hardware
             self._dirty = True
 
+    def holds_output(self) -> bool:
+        """Until it is shown (or the call ends first), the call's output waits: the receipt
+        stands above it, and a fast call shows its output and no receipt."""
+        return self.handle is None and self.fields is None
+
     def tick(self) -> None:
         now = time.monotonic()
         if self.handle is None:
@@ -371,6 +376,9 @@ class MapProgress:
     # Job.wait's hooks
     def tick(self) -> None:
         self.bar.tick()
+
+    def holds_output(self) -> bool:
+        return False  # items' output shows as it comes; the bar is redrawn in place
 
     def progress(self, meta: dict[str, Any]) -> None:
         pass  # Job.wait notes it on the job itself
