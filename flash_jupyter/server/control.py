@@ -38,10 +38,11 @@ from .billing import Ledger
 from .budget import Budget
 from .events import EventBus
 from .lifecycle import Lifecycle
+from .progress import Progress
 from .scheduler import Scheduler
 from .spool_keeper import SpoolKeeper
 from .store import Store
-from .views import Views, receipt_label
+from .views import Views
 
 RECENT_JOBS = 10_000  # finished jobs kept in memory; older ones are read from the store
 RESULT_TTL = 30 * 60  # seconds a finished job stays queryable (Runpod keeps /run results 30 min)
@@ -94,6 +95,7 @@ class ControlPlane(Views, SpoolKeeper):
         self.lifecycle = Lifecycle(self)
         self.ledger = Ledger(self)
         self.budget = Budget(self)  # the spending guard (budget.py)
+        self.progress = Progress(self)  # where a job stands, for callers asking (progress.py)
 
     # ------------------------------------------------------------------ startup
     async def start(self) -> None:
@@ -556,53 +558,10 @@ class ControlPlane(Views, SpoolKeeper):
         if job.owner is not None:
             job.owner.send({"op": "out", "id": job.id, "stream": "stderr", "text": text})
 
-    # ------------------------------------------------------------------ progress
-    def send_progress(self, job: m.Job) -> None:
-        """Tell the caller of ``job`` where it stands, if that changed (it asked with
-        ``"progress": 1``): queued, cold start (with the worker's phase), in progress."""
-        owner = job.owner
-        if owner is None or job.status in m.TERMINAL:
-            return
-        ep = self.endpoints.get(job.endpoint)
-        status, phase, w = m.IN_QUEUE, None, None
-        if ep is None:
-            pass
-        elif job.status == m.IN_PROGRESS:
-            w = ep.workers.get(job.worker_id) if job.worker_id else None
-            if w is not None and job.cold and w.phase == "code":
-                status, phase = "COLD_START", "code"
-            else:
-                status = m.IN_PROGRESS
-        else:
-            starting = [x for x in ep.workers.values()
-                        if x.live and x.conn is None and x.phase and not x.stopping]  # fmt: skip
-            if starting:
-                w = min(starting, key=lambda x: x.start_signal or 0.0)
-                status, phase = "COLD_START", w.phase
-        key = (status, phase, w.id if w is not None else None)
-        if key == job.progress_last:
-            return
-        job.progress_last = key
-        hardware = None
-        if w is not None and w.hardware:
-            hardware = receipt_label(w.hardware, w.emulated)
-        owner.send({"op": "progress", "id": job.id, "status": status, "phase": phase,
-                    "worker": key[2], "hardware": hardware})  # fmt: skip
-
-    def progress_endpoint(self, ep: m.EndpointState) -> None:
-        """A worker of ``ep`` moved on in its cold start: the queued jobs asking for progress
-        hear it (none asked: nothing to do)."""
-        for jid in list(ep.progress_jobs):
-            job = self.jobs.get(jid)
-            if job is None:
-                ep.progress_jobs.discard(jid)
-            elif job.status == m.IN_QUEUE:
-                self.send_progress(job)
-
     # ------------------------------------------------------------------ events
     def _publish_job(self, job: m.Job) -> None:
         if job.progress:
-            self.send_progress(job)
+            self.progress.send(job)
         if self.events.active:
             self.events.publish("job", endpoint=job.endpoint, **self.status_payload(job))
 

@@ -81,7 +81,7 @@ class Lifecycle:
         w.phase = "environment" if cfg.dependencies or cfg.system_dependencies else "process"
         w.phase_since = w.start_signal
         cp._publish_worker(w)
-        cp.progress_endpoint(ep)
+        cp.progress.endpoint_moved(ep)
         cred = credentials.worker_credential(cp.token, w.id, w.incarnation)
         inc = w.incarnation
 
@@ -110,9 +110,9 @@ class Lifecycle:
             for jid in list(w.jobs):
                 job = cp.jobs.get(jid)
                 if job is not None and job.progress:
-                    cp.send_progress(job)
+                    cp.progress.send(job)
         if queued:
-            cp.progress_endpoint(ep)
+            cp.progress.endpoint_moved(ep)
 
     def code_loaded(self, w: m.Worker) -> None:
         """The worker started running its first job's code: the cold start is over."""
