@@ -24,7 +24,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import free_port, wait_for
+from conftest import wait_for
+from jupyter_app import JupyterApp, start_jupyter
 
 pytest.importorskip("jupyter_server")
 from tornado.httpclient import HTTPClientError, HTTPRequest
@@ -43,20 +44,21 @@ class Lab:
     """A ``jupyter server`` subprocess and what its routes have answered (to check that
     the control plane's token is in none of it)."""
 
-    port: int
-    token: str
-    proc: subprocess.Popen
-    log_path: Path
+    app: JupyterApp
     seen: list[str] = field(default_factory=list)
 
     @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    def port(self) -> int:
+        return self.app.port
+
+    @property
+    def token(self) -> str:
+        return self.app.token
 
     def call(self, method: str, path: str, auth: bool = True, **kw) -> httpx.Response:
         headers = {"Authorization": f"token {self.token}"} if auth else {}
         headers.update(kw.pop("headers", {}))
-        r = httpx.request(method, self.url + API + path, headers=headers, timeout=60, **kw)
+        r = httpx.request(method, self.app.url + API + path, headers=headers, timeout=60, **kw)
         self.seen.append(r.text)
         return r
 
@@ -65,58 +67,17 @@ class Lab:
         assert r.status_code == 200, (method, path, r.status_code, r.text)
         return r.json()
 
-    def log(self) -> str:
-        return self.log_path.read_text()[-4000:]
-
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        self.app.stop()
 
 
 def start_lab(tmp: Path, env: dict[str, str]) -> Lab:
-    """``jupyter server`` with the package's config file as its only Jupyter config."""
-    config_dir = tmp / "jupyter-config"
-    (config_dir / "jupyter_server_config.d").mkdir(parents=True)
-    shutil.copy(CONFIG, config_dir / "jupyter_server_config.d" / "flash_jupyter.json")
-    (tmp / "root").mkdir()
-    port, token = free_port(), secrets.token_hex(16)
-    full_env = {**os.environ, "JUPYTER_CONFIG_DIR": str(config_dir),
-                "JUPYTER_RUNTIME_DIR": str(tmp / "runtime"), "JUPYTER_DATA_DIR": str(tmp / "data"),
-                **env}  # fmt: skip
-    for k in ("FLASH_JUPYTER_URL", "FLASH_JUPYTER_TOKEN"):
-        if k not in env:
-            full_env.pop(k, None)
-    args = [sys.executable, "-m", "jupyter_server", "--ServerApp.ip=127.0.0.1",
-            f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
-            f"--ServerApp.root_dir={tmp / 'root'}", f"--IdentityProvider.token={token}",
-            "--ServerApp.open_browser=False"]  # fmt: skip
-    if os.geteuid() == 0:
-        args.append("--allow-root")
-    log_path = tmp / "jupyter.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(args, env=full_env, stdout=log, stderr=log, cwd=tmp)
-    lab = Lab(port, token, proc, log_path)
-
-    def up() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"jupyter server exited ({proc.returncode}):\n{lab.log()}")
-        try:
-            r = httpx.get(lab.url + "/api/status", headers={"Authorization": f"token {token}"})
-            return r.status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_for(up, timeout=60, interval=0.1, what="jupyter server to answer /api/status")
-    except BaseException:
-        lab.stop()
-        raise
-    return lab
+    """``jupyter server`` with the package's config file as its only Jupyter config (no
+    ``jpserver_extensions`` flag: the file alone must turn the extension on)."""
+    server_d = tmp / "config" / "jupyter_server_config.d"
+    server_d.mkdir(parents=True)
+    shutil.copy(CONFIG, server_d / "flash_jupyter.json")
+    return Lab(start_jupyter("jupyter_server", tmp, env=env))
 
 
 @pytest.fixture(scope="module")

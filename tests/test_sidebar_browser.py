@@ -1,14 +1,16 @@
 """The Flash sidebar in a real JupyterLab driven by a real browser (Debian's Chromium through
 Playwright): the panel shows a cell's worker cold-start, run, cost and scale-down live, a
 selected ``%%flash`` cell's endpoint warms up before it runs, and a budget set from the panel
-refuses the next cell.
+refuses the next cell; each card button (Warm, Scale, Stop, Purge, Delete) acts on the control
+plane, checked through its own HTTP API; the ``prewarm`` setting ``on-open`` warms a notebook's
+``%%flash`` endpoints when it opens, and ``off`` warms nothing on selection.
 
-JupyterLab runs on 127.0.0.1 with a temporary root, config, settings and workspace folders,
-against a test control plane of its own (``FLASH_JUPYTER_URL``/``TOKEN``); the server
-extension is enabled explicitly and the built extension (``flash_jupyter/labextension_dist``,
-built by ``./dev setup``) is given to Lab with ``--LabApp.extra_labextensions_path``, which
-comes before the environment's own folders. Screenshots go to the test's tmp folder and are
-copied to the folder the test prints.
+JupyterLab runs on 127.0.0.1 (``jupyter_app.start_jupyter``) with temporary root, config,
+settings and workspace folders, against a test control plane of its own
+(``FLASH_JUPYTER_URL``/``TOKEN``); the server extension is enabled explicitly and the built
+extension (``flash_jupyter/labextension_dist``, built by ``./dev setup``) is given to Lab with
+``--LabApp.extra_labextensions_path``, which comes before the environment's own folders.
+Screenshots go to the test's tmp folder and are copied to the folder the test prints.
 """
 
 from __future__ import annotations
@@ -22,12 +24,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import free_port
+from conftest import use_server, wait_for
+from jupyter_app import JupyterApp, start_jupyter
 
 import flash_jupyter
 
@@ -68,21 +70,6 @@ pytestmark = [
 # ---------------------------------------------------------------- JupyterLab
 
 
-@dataclass
-class Lab:
-    url: str
-    token: str
-    root: Path
-    log_path: Path
-    proc: subprocess.Popen
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text()[-4000:]
-        except OSError:
-            return ""
-
-
 def write_notebook(path: Path, cells: list[str]) -> None:
     nb = {
         "cells": [
@@ -100,70 +87,28 @@ def write_notebook(path: Path, cells: list[str]) -> None:
     path.write_text(json.dumps(nb, indent=1))
 
 
-def start_lab(tmp: Path, flash_env: dict[str, str], cells: list[str]) -> Lab:
-    """``jupyter lab`` on 127.0.0.1 with its own folders, the server extension on, the built
-    extension first on the extensions path, and ``flash_env`` (how to find the control
-    plane) in place of the caller's FLASH_JUPYTER_* variables."""
+def start_lab(tmp: Path, flash_env: dict[str, str], notebooks: dict[str, list[str]]) -> JupyterApp:
+    """``jupyter lab`` with the server extension on, the built extension first on the
+    extensions path, its own settings and workspaces, the ``notebooks`` (name -> cells) in its
+    root, and ``flash_env`` (how to find the control plane) as its FLASH_JUPYTER_* variables."""
     if not (BUILT / "package.json").exists():
         pytest.fail(f"the JupyterLab extension is not built ({BUILT}): run ./dev setup")
-    root, config, settings, work, runtime, exts = (
-        tmp / d for d in ("root", "config", "settings", "workspaces", "runtime", "labextensions")
-    )
-    for d in (root, config, settings, work, runtime, exts):
+    settings, work, exts = (tmp / d for d in ("settings", "workspaces", "labextensions"))
+    for d in (tmp / "root", settings, work, exts):
         d.mkdir(parents=True)
-    write_notebook(root / NOTEBOOK, cells)
+    for nb, cells in notebooks.items():
+        write_notebook(tmp / "root" / nb, cells)
     (exts / "flash-jupyter").symlink_to(BUILT)
     # No news or update toasts over the screenshots.
     notif = settings / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
     notif.parent.mkdir(parents=True)
     notif.write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
-    token = secrets.token_hex(16)
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLASH_JUPYTER_")}
-    env |= {
-        **flash_env,
-        "JUPYTER_CONFIG_DIR": str(config),
-        "JUPYTER_RUNTIME_DIR": str(runtime),
-        "JUPYTERLAB_SETTINGS_DIR": str(settings),
-        "JUPYTERLAB_WORKSPACES_DIR": str(work),
-    }
-    args = [
-        sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
-        "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}",
-        f"--ServerApp.root_dir={root}", "--ServerApp.jpserver_extensions=flash_jupyter=True",
-        f"--LabApp.extra_labextensions_path={exts}", "--LabApp.news_url=None",
-        "--LabApp.expose_app_in_browser=True",
-    ]  # fmt: skip
-    if os.geteuid() == 0:
-        args.append("--allow-root")
-    log_path = tmp / "lab.log"
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=root)
-    lab = Lab(f"http://127.0.0.1:{port}", token, root, log_path, proc)
-    deadline = time.monotonic() + 60
-    while True:
-        if proc.poll() is not None:
-            raise AssertionError(f"jupyter lab exited ({proc.returncode}):\n{lab.log()}")
-        try:
-            r = httpx.get(f"{lab.url}/api/status", params={"token": token}, timeout=2)
-            if r.status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"jupyter lab did not answer:\n{lab.log()}")
-        time.sleep(0.1)
-    return lab
-
-
-def stop_lab(lab: Lab) -> None:
-    if lab.proc.poll() is None:
-        lab.proc.terminate()
-        try:
-            lab.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            lab.proc.kill()
-            lab.proc.wait()
+    env = {**flash_env, "JUPYTERLAB_SETTINGS_DIR": str(settings),
+           "JUPYTERLAB_WORKSPACES_DIR": str(work)}  # fmt: skip
+    args = ["--ServerApp.jpserver_extensions=flash_jupyter=True",
+            f"--LabApp.extra_labextensions_path={exts}", "--LabApp.news_url=None",
+            "--LabApp.expose_app_in_browser=True"]  # fmt: skip
+    return start_jupyter("jupyterlab", tmp, args, env, timeout=60)
 
 
 # ---------------------------------------------------------------- the page
@@ -248,55 +193,104 @@ def wait_js(page: Page, js: str, arg=None, timeout: float = 30, what: str = "") 
 # ---------------------------------------------------------------- the test
 
 
+NOTEBOOK_READY = """(path) => {
+    const app = window.jupyterapp;
+    const w = app && app.shell.currentWidget;
+    const k = w && w.context && w.context.path === path &&
+              w.sessionContext.session && w.sessionContext.session.kernel;
+    return k && k.status === 'idle';
+}"""
+
+
+class Labs:
+    """What a test drives: JupyterLab servers it starts, and Chromium pages on them. Each
+    page logs the events its panel heard (``events.log``, numbered by page) and every call it
+    made to the server extension (``calls[page]``); ``shot`` writes a screenshot, copied to
+    SCREENSHOTS at the end."""
+
+    def __init__(self, browser, tmp: Path) -> None:
+        self.browser = browser
+        self.tmp = tmp
+        self.shots = tmp / "screenshots"
+        self.shots.mkdir()
+        self.labs: list[JupyterApp] = []
+        self.calls: dict[Page, list[str]] = {}
+        # What each page's panel heard (line-buffered, page number first), for a failure.
+        self.events = open(tmp / "events.log", "a", buffering=1)
+
+    @property
+    def lab(self) -> JupyterApp:
+        return self.labs[-1]
+
+    def __call__(self, flash_env: dict[str, str], cells: list[str],
+                 notebooks: dict[str, list[str]] | None = None):  # fmt: skip
+        """Start Lab with ``NOTEBOOK`` of ``cells`` (and other ``notebooks``) and open it:
+        the page and ``shot(name)`` for it."""
+        tmp = self.tmp / f"lab{len(self.labs)}"
+        self.labs.append(start_lab(tmp, flash_env, {NOTEBOOK: cells, **(notebooks or {})}))
+        page = self.open(NOTEBOOK)
+        return page, lambda name: self.shot(page, name)
+
+    def open(self, notebook: str) -> Page:
+        """A new page of the latest Lab, opening ``notebook``, once its kernel is idle."""
+        lab = self.lab
+        page = self.browser.new_page(viewport={"width": 1400, "height": 900})
+        page.on("pageerror", lambda e: print("page error:", e))
+        calls = self.calls[page] = []
+        n = len(self.calls)
+
+        def on_socket(ws) -> None:
+            if "flash-jupyter/api/events" in ws.url:
+                ws.on("framereceived", lambda f: self.events.write(f"{time.time():.3f} {n} {f}\n"))
+
+        def on_request(r) -> None:
+            # "METHOD /route body", without the cache-busting query Lab adds to each URL
+            path = r.url.split("/flash-jupyter/api", 1)
+            if len(path) == 2:
+                calls.append(f"{r.method} {path[1].split('?')[0]} {r.post_data or ''}".strip())
+
+        page.on("websocket", on_socket)
+        page.on("request", on_request)
+        page.goto(f"{lab.url}/lab/tree/{notebook}?reset&token={lab.token}")
+        wait_js(page, NOTEBOOK_READY, arg=notebook, timeout=90,
+                what=f"{notebook} and its kernel")  # fmt: skip
+        page.evaluate(RECORDER)
+        return page
+
+    def shot(self, page: Page, name: str) -> None:
+        page.screenshot(path=str(self.shots / f"{name}.png"))
+
+    def set_prewarm(self, mode: str) -> None:
+        """The user's ``prewarm`` setting, through Lab's settings REST API (read by pages
+        loaded after this)."""
+        r = httpx.put(f"{self.lab.url}/lab/api/settings/flash-jupyter:plugin",
+                      json={"raw": json.dumps({"prewarm": mode})},
+                      headers={"Authorization": f"token {self.lab.token}"})  # fmt: skip
+        assert r.status_code in (200, 204), r.text
+
+    def close(self) -> None:
+        for lab in self.labs:
+            lab.stop()
+        self.events.close()
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        for png in self.shots.glob("*.png"):
+            shutil.copy(png, SCREENSHOTS / png.name)
+
+
 @pytest.fixture
-def open_lab(tmp_path: Path, capsys) -> Iterator:
-    """A factory: start Lab with a notebook of ``cells`` and open it in Chromium; the page
-    and ``shot(name)`` (a screenshot, copied to SCREENSHOTS at the end)."""
-    labs: list[Lab] = []
-    shots = tmp_path / "screenshots"
-    shots.mkdir()
+def open_lab(tmp_path: Path, capsys) -> Iterator[Labs]:
+    """Chromium, and ``Labs`` to start JupyterLab and open pages on it."""
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
-
-        def factory(flash_env: dict[str, str], cells: list[str]):
-            lab = start_lab(tmp_path / f"lab{len(labs)}", flash_env, cells)
-            labs.append(lab)
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.on("pageerror", lambda e: print("page error:", e))
-            frames = open(tmp_path / "events.log", "a")  # what the panel heard, for a failure
-
-            def on_socket(ws) -> None:
-                if "flash-jupyter/api/events" in ws.url:
-                    ws.on("framereceived", lambda f: frames.write(f"{time.time():.3f} {f}\n"))
-
-            page.on("websocket", on_socket)
-            page.goto(f"{lab.url}/lab/tree/{NOTEBOOK}?reset&token={lab.token}")
-            wait_js(page, """() => {
-                const app = window.jupyterapp;
-                const w = app && app.shell.currentWidget;
-                const k = w && w.context && w.context.path === 'flash.ipynb' &&
-                          w.sessionContext.session && w.sessionContext.session.kernel;
-                return k && k.status === 'idle';
-            }""", timeout=90, what="the notebook and its kernel")  # fmt: skip
-            page.evaluate(RECORDER)
-
-            def shot(name: str) -> None:
-                page.screenshot(path=str(shots / f"{name}.png"))
-
-            return page, shot
-
+        labs = Labs(browser, tmp_path)
         try:
-            yield factory
+            yield labs
         finally:
             browser.close()
-            for lab in labs:
-                stop_lab(lab)
-            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-            for png in shots.glob("*.png"):
-                shutil.copy(png, SCREENSHOTS / png.name)
-            if any(shots.glob("*.png")):
+            labs.close()
+            if any(labs.shots.glob("*.png")):
                 with capsys.disabled():
-                    print(f"\nsidebar screenshots: {SCREENSHOTS} (this run: {shots})")
+                    print(f"\nsidebar screenshots: {SCREENSHOTS} (this run: {labs.shots})")
 
 
 def open_panel(page: Page) -> None:
@@ -416,3 +410,173 @@ def test_sidebar_without_control_plane_offers_start(open_lab, tmp_path: Path) ->
             capture_output=True,
             timeout=60,
         )
+
+
+# ---------------------------------------------------------------- the card actions, the setting
+
+LIVE = ("Initializing", "Running")
+PREWARM_DEBOUNCE_S = 0.3  # prewarm.ts: a selection must rest this long before it warms
+
+
+def live(cp: httpx.Client, name: str) -> list[dict]:
+    """The endpoint's workers that have or are starting a process, as the control plane says."""
+    r = cp.get(f"/v1/endpoints/{name}")
+    assert r.status_code == 200, r.text
+    return [w for w in r.json()["workers"] if w["state"] in LIVE]
+
+
+def workers_range(cp: httpx.Client, name: str) -> tuple[int, int]:
+    c = cp.get(f"/v1/endpoints/{name}").json()["config"]
+    return c["workers_min"], c["workers_max"]
+
+
+def card(page: Page, ep: str):
+    return page.locator(f'#flash-jupyter-sidebar [data-endpoint="{ep}"]')
+
+
+def button(page: Page, ep: str, label: str):
+    return card(page, ep).locator(".fj-actions button", has_text=label)
+
+
+def card_shows_live(page: Page, ep: str, yes: bool = True) -> None:
+    wait_js(page, """([ep, yes]) => yes === [...document.querySelectorAll(
+        `[data-endpoint="${ep}"] [data-worker]`)].some(r => r.dataset.state === 'Running' ||
+                                                            r.dataset.state === 'Initializing')""",
+            arg=[ep, yes], what=f"{ep}'s card to show live workers: {yes}")  # fmt: skip
+
+
+def test_sidebar_card_actions_and_prewarm_settings(
+    open_lab: Labs, own_server, tmp_path: Path, monkeypatch
+) -> None:
+    server = own_server()
+    tag = secrets.token_hex(2)
+    acts, queued, onopen, off, other = (
+        f"{k}-{tag}" for k in ("acts", "q", "onopen", "off", "other")
+    )
+    gate = tmp_path / "gate"
+    with server.http() as cp:
+        for ep in (acts, other):
+            r = cp.put(f"/v1/endpoints/{ep}",
+                       json={"workers_min": 0, "workers_max": 2, "idle_timeout": 60})  # fmt: skip
+            assert r.status_code == 200, r.text
+        # A function endpoint whose one worker stays busy until the test creates `gate`.
+        use_server(server, monkeypatch)
+        from flash_jupyter import Endpoint
+
+        @Endpoint(name=queued, workers=(0, 1), idle_timeout=60)
+        def wait_for_gate(path: str) -> str:
+            import os
+            import time
+
+            while not os.path.exists(path):
+                time.sleep(0.02)
+            return "opened"
+
+        wait_for_gate.deploy()
+
+        def flash_nb(ep: str) -> list[str]:
+            # The %%flash cell is not the first: opening the notebook does not select it.
+            return ["print('first')", f"%%flash name={ep} workers=0,1 idle_timeout=60\nprint(1)"]
+
+        env = {"FLASH_JUPYTER_URL": server.url, "FLASH_JUPYTER_TOKEN": server.token}
+        notebooks = {"on-open.ipynb": flash_nb(onopen), "off.ipynb": flash_nb(off)}
+        page, shot = open_lab(env, ["print('actions')"], notebooks)
+        open_panel(page)
+        card(page, acts).wait_for()
+        assert not live(cp, acts)
+
+        # Warm: a worker starts for an endpoint that has none.
+        button(page, acts, "Warm").click()
+        wait_for(lambda: live(cp, acts), timeout=30, what=f"a worker of {acts} after Warm")
+        card_shows_live(page, acts)
+        shot("8-warm")
+
+        # Scale: the dialog's numbers become the endpoint's settings.
+        button(page, acts, "Scale").click()
+        dialog = page.locator(".jp-Dialog")
+        inputs = dialog.locator(".fj-scale-body input")
+        inputs.nth(0).fill("1")
+        inputs.nth(1).fill("2")
+        shot("9-scale-dialog")
+        dialog.locator(".jp-mod-accept").click()
+        wait_for(lambda: workers_range(cp, acts) == (1, 2), what=f"{acts} scaled to 1..2")
+        card(page, acts).locator(".fj-ep-line", has_text="workers 1..2").wait_for()
+        shot("10-scaled")
+
+        # Stop: scaled to zero, the workers go.
+        button(page, acts, "Stop").click()
+        wait_for(lambda: workers_range(cp, acts)[0] == 0 and not live(cp, acts), timeout=30,
+                 what=f"{acts}'s workers to stop")  # fmt: skip
+        card_shows_live(page, acts, yes=False)
+        shot("11-stopped")
+
+        # Purge: with the only worker busy, two jobs wait; Purge cancels them, not the running one.
+        jobs = []
+        for _ in range(3):
+            r = cp.post(f"/v2/{queued}/run", json={"input": {"path": str(gate)}})
+            assert r.status_code == 200, r.text
+            jobs.append(r.json()["id"])
+
+        def statuses() -> list[str]:
+            return sorted(cp.get(f"/v2/{queued}/status/{j}").json()["status"] for j in jobs)
+
+        wait_for(lambda: statuses() == ["IN_PROGRESS", "IN_QUEUE", "IN_QUEUE"], timeout=30,
+                 what="one job running and two queued")  # fmt: skip
+        card(page, queued).locator('[data-queue="2"]').wait_for()
+        assert button(page, queued, "Purge").is_enabled()
+        shot("12-queued")
+        button(page, queued, "Purge").click()
+        wait_for(lambda: statuses() == ["CANCELLED", "CANCELLED", "IN_PROGRESS"],
+                 what="the queued jobs cancelled")  # fmt: skip
+        assert cp.get(f"/v2/{queued}/health").json()["jobs"]["inQueue"] == 0
+        card(page, queued).locator('[data-queue="0"]').wait_for()
+        shot("13-purged")
+        gate.touch()
+        wait_for(lambda: "COMPLETED" in statuses(), timeout=30, what="the running job to finish")
+
+        # Delete: after confirming, the endpoint and its card are gone.
+        button(page, acts, "Delete").click()
+        dialog.locator(".jp-mod-accept").wait_for()
+        shot("14-delete-dialog")
+        dialog.locator(".jp-mod-accept").click()
+        wait_for(lambda: cp.get(f"/v1/endpoints/{acts}").status_code == 404,
+                 what=f"{acts} deleted")  # fmt: skip
+        card(page, acts).wait_for(state="detached")
+        shot("15-deleted")
+        page.close()
+
+        # prewarm = on-open: opening a notebook warms its %%flash cell's endpoint, unselected.
+        open_lab.set_prewarm("on-open")
+        page = open_lab.open("on-open.ipynb")
+        wait_for(lambda: cp.get(f"/v1/endpoints/{onopen}").status_code == 200
+                 and live(cp, onopen), timeout=30, what=f"{onopen} warmed on open")  # fmt: skip
+        active = "() => window.jupyterapp.shell.currentWidget.content.activeCellIndex"
+        assert page.evaluate(active) == 0
+        assert prompt(page, 1) in ("[ ]:", ""), "the %%flash cell ran"
+        calls = open_lab.calls[page]
+        assert [c for c in calls if c.startswith("POST /prewarm") and onopen in c], calls
+        open_panel(page)
+        card_shows_live(page, onopen)
+        open_lab.shot(page, "16-prewarm-on-open")
+        page.close()
+
+        # prewarm = off: selecting the %%flash cell warms nothing. Past the selection's debounce,
+        # warm another endpoint from its card: the page asked for that, and never for a prewarm.
+        open_lab.set_prewarm("off")
+        page = open_lab.open("off.ipynb")
+        select(page, 1)
+        t = page.evaluate("() => performance.now()")
+        open_panel(page)
+        wait_js(page, "(t) => performance.now() > t", arg=t + 2000 * PREWARM_DEBOUNCE_S,
+                what="the selection's debounce to pass")  # fmt: skip
+        with page.expect_request(lambda r: f"/endpoints/{other}/warm?" in r.url):
+            button(page, other, "Warm").click()
+        wait_for(lambda: live(cp, other), timeout=30, what=f"a worker of {other} after Warm")
+        card_shows_live(page, other)
+        calls = open_lab.calls[page]
+        assert [c for c in calls if c.startswith(f"POST /endpoints/{other}/warm")], calls
+        assert not [c for c in calls if c.startswith("POST /prewarm")], calls
+        assert cp.get(f"/v1/endpoints/{off}").status_code == 404
+        assert card(page, off).count() == 0
+        assert prompt(page, 1) in ("[ ]:", "")
+        open_lab.shot(page, "17-prewarm-off")

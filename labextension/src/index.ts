@@ -82,8 +82,13 @@ const prewarmPlugin: JupyterFrontEndPlugin<void> = {
     if (registry) {
       registry.load(PLUGIN_ID).then(
         settings => prewarmer.useSettings(settings),
-        err => console.warn('flash-jupyter: settings not loaded, prewarm stays on-select', err)
+        err => {
+          console.warn('flash-jupyter: settings not loaded, prewarm stays on-select', err);
+          prewarmer.useSettings(null);
+        }
       );
+    } else {
+      prewarmer.useSettings(null);
     }
   }
 };

@@ -5,6 +5,7 @@
  */
 import { ISettingRegistry } from '@jupyterlab/settingregistry';
 import { INotebookTracker, NotebookPanel } from '@jupyterlab/notebook';
+import { PromiseDelegate } from '@lumino/coreutils';
 
 import { api } from './api';
 
@@ -28,6 +29,9 @@ export class Prewarmer {
   /** notebook path -> lines already warmed */
   private readonly warmed = new Map<string, Set<string>>();
   private timer: number | undefined;
+  /** Resolved once the user's setting is known: nothing warms before, so a notebook opened
+   * while the settings load is not missed by on-open, nor warmed under off. */
+  private readonly settled = new PromiseDelegate<void>();
 
   constructor(
     private readonly tracker: INotebookTracker,
@@ -37,13 +41,18 @@ export class Prewarmer {
     tracker.widgetAdded.connect((_, panel) => void this.opened(panel));
   }
 
-  useSettings(settings: ISettingRegistry.ISettings): void {
-    const read = () => {
-      const mode = settings.get('prewarm').composite as PrewarmMode;
-      this.mode = mode === 'on-open' || mode === 'off' ? mode : 'on-select';
-    };
-    read();
-    settings.changed.connect(read);
+  /** Follow the user's setting; null when there is none (no registry, or it failed to load):
+   * then the default, on-select, holds. */
+  useSettings(settings: ISettingRegistry.ISettings | null): void {
+    if (settings) {
+      const read = () => {
+        const mode = settings.get('prewarm').composite as PrewarmMode;
+        this.mode = mode === 'on-open' || mode === 'off' ? mode : 'on-select';
+      };
+      read();
+      settings.changed.connect(read);
+    }
+    this.settled.resolve();
   }
 
   private selected(): void {
@@ -52,7 +61,11 @@ export class Prewarmer {
       return;
     }
     // Debounced: arrowing through cells warms only where the user stops.
-    this.timer = window.setTimeout(() => {
+    this.timer = window.setTimeout(async () => {
+      await this.settled.promise;
+      if (this.mode !== 'on-select') {
+        return;
+      }
       const panel = this.tracker.currentWidget;
       const cell = this.tracker.activeCell;
       if (!panel || !cell || cell.model.type !== 'code') {
@@ -66,7 +79,7 @@ export class Prewarmer {
   }
 
   private async opened(panel: NotebookPanel): Promise<void> {
-    await panel.context.ready;
+    await Promise.all([panel.context.ready, this.settled.promise]);
     if (this.mode !== 'on-open') {
       return;
     }
