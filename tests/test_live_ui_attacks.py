@@ -463,6 +463,25 @@ def test_a_token_with_a_stray_carriage_return_never_leaks(tmp_path, server, monk
         feed.stop()
 
 
+def test_a_token_with_a_stray_carriage_return_is_refused_by_the_client(server):
+    """The Python client (a cell, a script) says what is wrong with such a token before any
+    request, and its message does not hold the token (a traceback is saved in a notebook)."""
+    import subprocess
+    import sys
+
+    env = {
+        **os.environ,
+        "FLASH_JUPYTER_URL": server.url,
+        "FLASH_JUPYTER_TOKEN": server.token + "\r",
+    }
+    code = "from flash_jupyter import Endpoint\nEndpoint(name='t')(lambda: 1)()"
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=60)  # fmt: skip
+    assert r.returncode != 0
+    assert "cannot be sent in an HTTP header" in r.stderr, r.stderr
+    assert server.token not in r.stderr + r.stdout
+
+
 # ------------------------------------------------------------------ garbled streams
 
 

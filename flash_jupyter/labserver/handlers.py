@@ -28,7 +28,8 @@ from jupyter_server.utils import url_path_join
 from tornado import web, websocket
 from tornado.concurrent import Future
 
-from ..config import NAME_RE
+from ..config import NAME_RE, EndpointConfig
+from ..errors import ConfigError
 from .events import EventHub
 from .magic_line import LineError, endpoint_for
 from .relay import NOT_RUNNING, NotRunning, Relay, RelayError
@@ -293,10 +294,15 @@ class BillingHandler(FlashHandler):
 
 
 class PrewarmHandler(FlashHandler):
-    """``POST /prewarm`` ``{"line": "%%flash ...", "kernel_id"?: id}``: deploy the endpoint
-    that cell would run on, with the same settings rules, and warm one worker.
+    """``POST /prewarm`` ``{"line": "%%flash ...", "kernel_id"?: id}``: warm one worker of
+    the endpoint that cell would run on (the same settings rules), creating the endpoint if
+    it does not exist yet.
 
-    The kernel's ``%flash config`` defaults live in the kernel: only the line counts."""
+    Selecting a cell never changes an endpoint: one whose settings the line would change is
+    left alone (its workers and the notebook state on them stay; the change happens when the
+    cell runs, and a worker warmed now would only be replaced). With the budget reached,
+    nothing is created or warmed (402). The kernel's ``%flash config`` defaults live in the
+    kernel: only the line counts."""
 
     @web.authenticated
     @authorized
@@ -312,11 +318,34 @@ class PrewarmHandler(FlashHandler):
             name, changes = endpoint_for(body.get("line"))
         except LineError as e:
             raise BadRequest(str(e)) from None
-        view = await self.relay.request(
-            "PUT", f"/v1/endpoints/{name}", {"changes": changes, "serves": "cells"}
-        )
+        budget = await self.relay.request("GET", "/v1/budget")
+        mine = (budget.get("endpoints") or {}).get(name) or {}
+        if "reached" in (budget.get("state"), mine.get("state")):
+            raise RelayError(402, f"the budget is reached: endpoint {name!r} was not warmed")
+        try:
+            current = await self.relay.request("GET", f"/v1/endpoints/{name}")
+        except RelayError as e:
+            if e.status != 404:
+                raise
+            current = None
+        if current is not None:
+            try:
+                cfg = EndpointConfig.from_dict(current["config"])
+                changed = cfg.changed(**changes).config_hash != current["config_hash"]
+            except (ConfigError, KeyError, TypeError) as e:
+                raise BadRequest(f"{name}: {e}") from None
+            if changed:
+                return {"endpoint": name, "action": "unchanged", "warmed": False,
+                        "reason": "the cell changes this endpoint's settings: they apply when "
+                                  "it runs, so no worker was warmed now"}  # fmt: skip
+            action = "reused"
+        else:
+            view = await self.relay.request(
+                "PUT", f"/v1/endpoints/{name}", {"changes": changes, "serves": "cells"}
+            )
+            action = view.get("action", "created")
         await self.relay.request("POST", f"/v1/endpoints/{name}/warm", {"workers": 1})
-        return {"endpoint": name, "action": view.get("action"), "warmed": True}
+        return {"endpoint": name, "action": action, "warmed": True}
 
 
 class EventsHandler(WebSocketMixin, websocket.WebSocketHandler, JupyterHandler):
