@@ -74,8 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("limit", nargs="?", help="US dollars (e.g. 2.50), or off")
     s.add_argument("--endpoint", help="the limit of this endpoint instead of the session's")
     s.add_argument("--json", action="store_true")
-    s = sub.add_parser("build", help="build a dependency environment ahead of time")
-    s.add_argument("--deps", required=True, help="comma-separated pip requirements")
+    from .app import commands as app_commands  # build, envs, deploy, undeploy, dev
+
+    app_commands.add_parsers(sub)
     a = p.parse_args(argv)
     from .errors import FlashError
 
@@ -87,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(a: argparse.Namespace) -> int:
+    from .app import commands as app_commands
 
     if a.cmd == "start":
         from .client import start_local
@@ -144,19 +146,8 @@ def _run(a: argparse.Namespace) -> int:
         print(f"export FLASH_JUPYTER_URL={c.url}")
         print(f"export FLASH_JUPYTER_TOKEN={c.token}")
         return 0
-    if a.cmd == "build":
-        from .config import BY_NAME
-        from .providers.environments import ensure_environment
-
-        deps = tuple(BY_NAME["dependencies"].parse_text(a.deps))
-        t = time.monotonic()
-        try:
-            py = ensure_environment(paths.home(), deps)
-        except Exception as e:  # pip's own message is the useful part
-            print(f"flash-jupyter: {e}", file=sys.stderr)
-            return 1
-        print(f"environment ready in {time.monotonic() - t:.1f} s: {py}")
-        return 0
+    if a.cmd in app_commands.COMMANDS:
+        return app_commands.run(a)
 
     if a.cmd == "budget" and a.limit is not None:  # checked before connecting
         try:
