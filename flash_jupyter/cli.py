@@ -8,7 +8,8 @@ flash-jupyter logs NAME [--tail N]
 flash-jupyter scale NAME MIN,MAX | stop NAME | delete NAME
 flash-jupyter billing
 flash-jupyter budget [LIMIT|off] [--endpoint NAME]                the spending guard
-flash-jupyter build --deps a,b                                   prebuild an environment
+flash-jupyter build PATH [--set NAME.K=V] | build --deps a,b   environments ahead of time
+flash-jupyter envs [prune [--all]]                               environments kept
 """
 
 from __future__ import annotations
@@ -169,7 +170,8 @@ def _run(a: argparse.Namespace) -> int:
         if a.json:
             print(json.dumps(eps, indent=2))
         else:
-            print(format_status(eps, None if a.name else c.billing()))
+            spares = None if a.name else c._call("GET", "/v1/info")["provider"].get("spares")
+            print(format_status(eps, None if a.name else c.billing(), spares))
     elif a.cmd == "logs":
         for e in c.logs(a.name, a.tail):
             sys.stdout.write(e["text"])

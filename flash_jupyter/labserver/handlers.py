@@ -21,8 +21,8 @@ from jupyter_server.utils import url_path_join
 from tornado import web, websocket
 
 from ..config import NAME_RE
+from ..magic_line import LineError, endpoint_for
 from .events import EventHub
-from .magic_line import LineError, endpoint_for
 from .relay import NOT_RUNNING, NotRunning, Relay, RelayError
 
 API = "flash-jupyter/api"
