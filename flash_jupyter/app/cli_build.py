@@ -27,12 +27,54 @@ def add_parsers(sub: Any) -> None:
     s.add_argument("action", nargs="?", choices=["prune"],
                    help="prune: remove the environments no endpoint uses")  # fmt: skip
     s.add_argument("--all", action="store_true", help="with prune: remove every environment")
+    s.add_argument(
+        "--unused-for",
+        type=duration,
+        metavar="DURATION",
+        help="with prune: only environments not used for this long (30m, 12h, 7d)",
+    )
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def duration(text: str) -> float:
+    """``"7d"``, ``"12h"``, ``"30m"``, ``"45s"``, ``"2w"`` (or ``"1d12h"``) in seconds."""
+    t = text.strip().lower()
+    total, number, parts = 0.0, "", 0
+    for ch in t:
+        if ch.isdigit() or ch == ".":
+            number += ch
+        elif ch in _UNITS and number:
+            try:
+                total += float(number) * _UNITS[ch]
+            except ValueError:
+                break
+            number, parts = "", parts + 1
+        else:
+            break
+    else:
+        if parts and not number:
+            return total
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is not a duration: give a number and a unit, e.g. 30m, 12h, 7d (s, m, h, d, w)"
+    )
+
+
+def _duration_text(seconds: float) -> str:
+    for unit in ("d", "h", "m"):
+        if seconds >= _UNITS[unit] and seconds % _UNITS[unit] == 0:
+            return f"{seconds / _UNITS[unit]:g}{unit}"
+    return f"{seconds:g}s"
 
 
 def run(a: argparse.Namespace) -> int:
     if a.cmd == "build":
         return _build(a)
     if a.cmd == "envs":
+        if a.action != "prune" and (a.all or a.unused_for is not None):
+            _err("--all and --unused-for go with prune: flash-jupyter envs prune --unused-for 7d")
+            return 2
         return _prune(a) if a.action == "prune" else _list()
     return 2
 
@@ -146,11 +188,15 @@ def _prune(a: argparse.Namespace) -> int:
     data_dir = paths.home()
     used = users(list_environments(data_dir), registered_endpoints(data_dir))
     keep = {k for k, names in used.items() if names}
-    removed = prune(data_dir, keep, everything=a.all)
+    removed = prune(data_dir, keep, everything=a.all, unused_for=a.unused_for)
     for e in removed:
         print(f"removed {e.key} ({size_text(e.size)}): {', '.join(e.requirements)}")
-    kept = len(keep) if not a.all else 0
+    left = {e.key for e in list_environments(data_dir)}
+    kept = len(left & keep) if not a.all else 0
+    recent = len(left) - kept if a.unused_for is not None else 0
     print(f"removed {len(removed)} environment{'s' if len(removed) != 1 else ''}, "
           f"{size_text(sum(e.size for e in removed))}"
-          + (f"; kept {kept} that endpoints use" if kept else ""))  # fmt: skip
+          + (f"; kept {kept} that endpoints use" if kept else "")
+          + (f"; kept {recent} used in the last {_duration_text(a.unused_for)}"
+             if recent else ""))  # fmt: skip
     return 0

@@ -15,8 +15,9 @@ against the control plane's interpreter (a dry run: it reports only what is miss
 incompatible there), then installs exactly that. When uv cannot resolve the requirements,
 pip tries and the result says so.
 
-A build happens in a temporary folder next to the cache and is renamed into place at the
-end, under a file lock: a failed or interrupted build leaves nothing in the cache. The
+A build happens in a temporary folder next to the cache, is byte-compiled (``_compile``: a
+worker's first import then reads .pyc files) and is renamed into place at the end, under a
+file lock: a failed or interrupted build leaves nothing in the cache. The
 ``.ready`` file of a finished environment records its requirements, size and build time;
 its modification time is the last use.
 """
@@ -228,8 +229,7 @@ class _InstallFailed(Exception):
 
 
 def _pip_install(python: Path, deps: tuple[str, ...]) -> None:
-    # --no-compile: byte code would record the temporary folder's paths (renamed after);
-    # Python compiles at first import instead, with the final paths.
+    # --no-compile: _compile does it after the install, with the final folder's paths.
     cmd = [sys.executable, "-m", "pip", "--python", str(python), "install",
            "--disable-pip-version-check", "--no-input", "--no-compile", *deps]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
@@ -274,6 +274,28 @@ def _du(path: Path) -> int:
             except OSError:
                 pass
     return total
+
+
+def _compile(python: Path, tmp: Path, final: Path) -> None:
+    """Byte-compile the environment's own packages, so its first ``import torch`` does not
+    compile thousands of modules (or compile them on every import where
+    ``PYTHONDONTWRITEBYTECODE`` is set: workers inherit it). The recorded paths name the
+    final folder (``-s``/``-p``); a .pyc is checked against its source's size and time,
+    which the rename keeps. Best effort: a module that does not compile is compiled (or
+    reported) at import, as without this step."""
+    sites = {sysconfig.get_path(k, vars={"base": str(tmp), "platbase": str(tmp)})
+             for k in ("purelib", "platlib")}  # fmt: skip
+    sites = sorted(s for s in sites if os.path.isdir(s))
+    if not sites:
+        return
+    env = dict(os.environ)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # this step is for writing it
+    env.pop("PYTHONPYCACHEPREFIX", None)  # next to the sources, where workers look
+    subprocess.run(
+        [str(python), "-m", "compileall", "-q", "-j", "0", "-s", str(tmp), "-p", str(final),
+         *sites],
+        capture_output=True, env=env,
+    )  # fmt: skip
 
 
 def _relocate(tmp: Path, final: Path) -> None:
@@ -335,6 +357,7 @@ def _build(
                 f"installing dependencies {list(deps)} with {e.installer} failed:\n"
                 f"{_tail(e.output)}"
             ) from None
+        _compile(python, tmp, final)  # part of the build: its time is in "seconds"
         _relocate(tmp, final)
         record = {
             "requirements": list(deps),

@@ -35,7 +35,7 @@ from typing import Any
 from .. import catalog, credentials, envvars
 from ..config import MODULE_RE, EndpointConfig
 from .base import Allocation, PlacementError, WorkerSpec
-from .environments import PRE_INSTALLED, prepare
+from .environments import PRE_INSTALLED, mark_used, prepare
 
 SPARE_DELAY = 0.5  # seconds after an adoption before the next spare may start
 SPARE_PATIENCE = 10.0  # ... and at the latest, busy or not
@@ -465,6 +465,7 @@ class LocalProvider:
             self._forget(spare)  # its slot is the worker's allocation now
             if known != PLAIN:  # its environment is built: the spare was started from it
                 spec.env_source = PRE_INSTALLED
+                mark_used(self.data_dir, known)  # `flash-jupyter envs`: its last use
             spec.phase("process")
             spec.spare = "preloaded" if spare.preloaded else "plain"
             proc._flash_on_exit = on_exit  # type: ignore[attr-defined]
