@@ -100,6 +100,13 @@ def discover(autostart: bool = True) -> dict[str, Any]:
     url = envvars.get("FLASH_JUPYTER_URL")
     if url:
         token = envvars.get("FLASH_JUPYTER_TOKEN") or ""
+        if not token.isascii() or not token.isprintable() or token != token.strip():
+            # Said before any request: httpx and urllib would echo the token in their error.
+            raise errors.ConfigError(
+                "FLASH_JUPYTER_TOKEN has spaces or control characters (a stray newline or "
+                "\\r from a file?): it cannot be sent in an HTTP header; set it to the token "
+                "alone (`flash-jupyter env` prints it)"
+            )
         info = _http_get_json(url.rstrip("/") + "/v1/info", token)
         host = urlparse(url).hostname or "127.0.0.1"
         return {**info, "url": url.rstrip("/"), "token": token, "wire_host": host}

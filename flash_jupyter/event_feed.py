@@ -12,6 +12,11 @@ with each event once the model holds it. A dropped stream reconnects with backof
 again from a fresh snapshot. The feed never starts a control plane (a dashboard must not keep
 one alive); with none running it says so and keeps trying.
 
+A garbled stream costs one event, never the feed: a line longer than ``MAX_EVENT_BYTES`` is
+dropped as it streams in (never held whole), an event that is not a JSON object, or that the
+model cannot take, is skipped, and the names it remembers are bounded. Nothing it says (a
+dashboard shows its messages, and notebooks are saved) carries the control plane's token.
+
 No IPython here: a plain script can use it.
 """
 
@@ -32,6 +37,42 @@ REFETCH_GAP = 0.3  # seconds between two fetches of one endpoint's view
 REFETCH_DEBOUNCE = 0.05  # a burst of events costs one fetch
 BUDGET_KEY = "\0budget"  # the budget view, refetched like an endpoint's
 BACKOFF = (0.2, 5.0)  # first and longest wait between reconnects
+MAX_EVENT_BYTES = 16 * 1024 * 1024  # a longer SSE line or event is dropped, not held
+MAX_NAMES = 4096  # endpoints waiting for a fetch, or remembered as deleted
+
+
+class LineSplitter:
+    """The lines of a byte stream, each at most ``limit`` bytes. A longer line is dropped
+    while it streams in (its bytes are never held past the limit) and counted in
+    ``dropped``; ``\r\n`` ends a line as ``\n`` does. Shared by the kernel's feed and
+    the Jupyter server's relay (``labserver.events``)."""
+
+    def __init__(self, limit: int = MAX_EVENT_BYTES):
+        self.limit = limit
+        self.dropped = 0
+        self._buf = bytearray()
+        self._skipping = False  # inside a line already too long
+
+    def feed(self, chunk: bytes) -> list[str]:
+        lines: list[str] = []
+        start = 0
+        while True:
+            end = chunk.find(b"\n", start)
+            piece = chunk[start:] if end < 0 else chunk[start:end]
+            if not self._skipping:
+                if len(self._buf) + len(piece) > self.limit:
+                    self._buf.clear()
+                    self._skipping = True
+                    self.dropped += 1
+                else:
+                    self._buf += piece
+            if end < 0:
+                return lines
+            if not self._skipping:
+                lines.append(bytes(self._buf).rstrip(b"\r").decode("utf-8", "replace"))
+            self._buf.clear()
+            self._skipping = False
+            start = end + 1
 
 
 class EventFeed:
@@ -49,11 +90,15 @@ class EventFeed:
         self._wake = threading.Condition(self._lock)
         self._pending: dict[str, float] = {}  # name -> when to fetch its view
         self._last_fetch: dict[str, float] = {}
-        self._deleted: set[str] = set()  # a fetch answered after the delete must not revive it
+        # A fetch answered after the delete must not revive it (insertion-ordered, bounded).
+        self._deleted: dict[str, None] = {}
         self._thread: threading.Thread | None = None
         self._response: Any = None
         self._stopping = False
         self._idle_since: float | None = None
+        self._token = ""  # the control plane's token of the last connection (never shown)
+        self._http: Any = None  # its own httpx.Client, made on first use
+        self.skipped = 0  # events dropped as garbled (too long, not JSON, not a model fit)
 
     # ------------------------------------------------------------------ listeners
     def add_listener(self, fn: Listener) -> None:
@@ -138,7 +183,9 @@ class EventFeed:
     # ------------------------------------------------------------------ the stream
     def _target(self) -> tuple[Any, str, dict[str, str]]:
         """The HTTP client, base URL and headers to use now. The local control plane is
-        looked up again each time (it may have restarted elsewhere), never started."""
+        looked up again each time (it may have restarted elsewhere), never started. The
+        feed has its own HTTP client: it needs no wire connection (``client.get_client``
+        would open one, and start a control plane that went away meanwhile)."""
         from . import client as fj_client
 
         url = envvars.get("FLASH_JUPYTER_URL")
@@ -148,7 +195,13 @@ class EventFeed:
         else:
             info = fj_client.discover(autostart=False)
             url, token = info["url"], info.get("token", "")
-        http = fj_client.get_client().http
+        self._token = token
+        with self._lock:
+            if self._http is None:
+                import httpx
+
+                self._http = httpx.Client(timeout=30)
+            http = self._http
         return http, url, {"Authorization": f"Bearer {token}"}
 
     def _run(self) -> None:
@@ -172,7 +225,7 @@ class EventFeed:
             except Exception as e:  # every failure means: try again later
                 if self._should_stop():
                     break
-                self._dropped(_describe(e))
+                self._dropped(self._scrub(_describe(e)))
             finally:
                 self._response = None
             if self._should_stop():
@@ -189,18 +242,48 @@ class EventFeed:
             self.start()
 
     def _read(self, r: Any) -> None:
+        lines = LineSplitter()
         data: list[str] = []
-        for line in r.iter_lines():
+        size = 0  # of the event being read (its data lines together)
+        for chunk in r.iter_bytes():
             if self._should_stop():
                 return
-            if line.startswith("data:"):
-                data.append(line[5:].strip())
-            elif line == "" and data:
-                event = json.loads("\n".join(data))
-                data = []
-                self._apply(event)
-                self._emit(event)
+            dropped = lines.dropped
+            for line in lines.feed(chunk):
+                if line.startswith("data:"):
+                    size += len(line)
+                    if size <= MAX_EVENT_BYTES:
+                        data.append(line[5:].strip())
+                    elif data:  # too big in all: the event is dropped
+                        data = []
+                        self.skipped += 1
+                elif line == "":
+                    if data:
+                        self._take("\n".join(data))
+                    data, size = [], 0
+            self.skipped += lines.dropped - dropped
         raise errors.ControlPlaneError("the control plane closed the event stream")
+
+    def _take(self, text: str) -> None:
+        """One event's JSON text: into the model, then to the listeners; a garbled one
+        (not JSON, not an object, or not what the model expects) is skipped."""
+        try:
+            event = json.loads(text)
+            if not isinstance(event, dict):
+                raise ValueError("an event is a JSON object")
+            self._apply(event)
+        except Exception:
+            self.skipped += 1
+            return
+        self._emit(event)
+
+    def _scrub(self, text: str) -> str:
+        """``text`` without the control plane's token (an exception may echo a header)."""
+        for token in (self._token, envvars.get("FLASH_JUPYTER_TOKEN") or ""):
+            for t in (token, token.strip(), repr(token)[1:-1]):  # as is, and as repr() shows it
+                if len(t) >= 4:
+                    text = text.replace(t, "***")
+        return text
 
     def _dropped(self, message: str) -> None:
         was = self.connected
@@ -217,9 +300,11 @@ class EventFeed:
         if kind == "snapshot":
             eps = {}
             self._deleted.clear()
-            for view in ev.get("endpoints", []):
-                _stamp(view, now)
-                eps[view["name"]] = view
+            views = ev.get("endpoints")
+            for view in views if isinstance(views, list) else []:
+                if _is_view(view):
+                    _stamp(view, now)
+                    eps[view["name"]] = view
             with self._lock:
                 self.endpoints = eps
             self.connected = True
@@ -229,22 +314,29 @@ class EventFeed:
             self._schedule(BUDGET_KEY)
         elif kind == "endpoint":
             name = ev.get("name")
+            if not isinstance(name, str):
+                return
             if ev.get("action") == "deleted":
                 with self._lock:
                     self.endpoints = {k: v for k, v in self.endpoints.items() if k != name}
                     self._pending.pop(name, None)
-                    self._deleted.add(name)
+                    self._deleted.pop(name, None)
+                    self._deleted[name] = None
+                    while len(self._deleted) > MAX_NAMES:  # the oldest deletes go first
+                        del self._deleted[next(iter(self._deleted))]
             elif name:
-                self._deleted.discard(name)
+                self._deleted.pop(name, None)
                 self._schedule(name)
         elif kind == "worker":
             name = ev.get("endpoint")
+            if not isinstance(ev.get("id"), str):
+                raise ValueError("a worker event names its worker")
             w = {k: v for k, v in ev.items() if k not in ("type", "seq", "time")}
             w["_at"] = now
             with self._lock:
                 view = self.endpoints.get(name)
                 if view is not None:
-                    workers = [x for x in view.get("workers", []) if x["id"] != w["id"]]
+                    workers = [x for x in view.get("workers", []) if x.get("id") != w["id"]]
                     workers.append(w)
                     workers.sort(key=lambda x: x["id"])
                     self.endpoints = {**self.endpoints, name: {**view, "workers": workers}}
@@ -262,12 +354,12 @@ class EventFeed:
         return sum(float(v.get("session_cost") or 0) for v in self.endpoints.values())
 
     # ------------------------------------------------------------------ refetching
-    def _schedule(self, name: str | None) -> None:
-        if not name:
+    def _schedule(self, name: Any) -> None:
+        if not name or not isinstance(name, str):
             return
         now = time.monotonic()
         with self._lock:
-            if name not in self._pending:
+            if name not in self._pending and len(self._pending) < MAX_NAMES:
                 due = max(now + REFETCH_DEBOUNCE, self._last_fetch.get(name, 0) + REFETCH_GAP)
                 self._pending[name] = due
                 self._wake.notify_all()
@@ -288,8 +380,14 @@ class EventFeed:
                 for n in due:  # an event during the fetch schedules another one
                     del self._pending[n]
                     self._last_fetch[n] = now
+                if len(self._last_fetch) > MAX_NAMES:  # older than the gap: no longer needed
+                    self._last_fetch = {n: t for n, t in self._last_fetch.items()
+                                        if now - t < REFETCH_GAP}  # fmt: skip
             for n in due:
-                self._fetch(n)
+                try:
+                    self._fetch(n)
+                except Exception:  # a garbled answer costs this view, never the thread
+                    self.skipped += 1
 
     def _fetch(self, name: str) -> None:
         try:
@@ -300,8 +398,11 @@ class EventFeed:
             return
         if name == BUDGET_KEY:
             if r.status_code == 200:  # a control plane without budgets: none shown
+                budget = r.json()
+                if not isinstance(budget, dict):
+                    raise ValueError("the budget view is a JSON object")
                 with self._lock:
-                    self.budget = r.json()
+                    self.budget = budget
                 self._emit({"type": "budget_view"})
             return
         if r.status_code == 404:
@@ -312,12 +413,25 @@ class EventFeed:
         if r.status_code != 200:
             return
         view = r.json()
+        if not _is_view(view) or view["name"] != name:
+            raise ValueError("an endpoint view is a JSON object with its name")
         _stamp(view, time.monotonic())
         with self._lock:
             if name in self._deleted:
                 return
             self.endpoints = {**self.endpoints, name: view}
         self._emit({"type": "view", "name": name})
+
+
+def _is_view(view: Any) -> bool:
+    """An endpoint view the model can hold: an object with a name and a list of workers
+    (objects, each with an id)."""
+    if not isinstance(view, dict) or not isinstance(view.get("name"), str):
+        return False
+    workers = view.get("workers", [])
+    return isinstance(workers, list) and all(
+        isinstance(w, dict) and isinstance(w.get("id"), str) for w in workers
+    )
 
 
 def _stamp(view: dict[str, Any], now: float) -> None:

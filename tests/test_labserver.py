@@ -325,11 +325,26 @@ def test_prewarm_deploys_the_cells_endpoint_and_warms_it(lab, cp, name):
     assert (view["config"]["workers_min"], view["config"]["workers_max"]) == (0, 2)
     assert view["config"]["idle_timeout"] == 5
     wait_for(lambda: live_workers(lab, name), what="the prewarmed worker")
-    # Settings are changes: a second line changes only what it names.
-    again = lab.ok("POST", "/prewarm", json={"line": f"%%flash name={name} idle_timeout=7"})
-    assert again["action"] == "updated"
+    # The same settings again (or a subset of them): its worker is warmed, nothing changes.
+    again = lab.ok("POST", "/prewarm", json={"line": f"%%flash name={name} idle_timeout=5"})
+    assert again == {"endpoint": name, "action": "reused", "warmed": True}
+    # Selecting a cell never changes an endpoint: a line that would is left for the run.
+    hash_before = cp.get(f"/v1/endpoints/{name}").json()["config_hash"]
+    other = lab.ok("POST", "/prewarm", json={"line": f"%%flash name={name} idle_timeout=7"})
+    assert other["action"] == "unchanged" and other["warmed"] is False, other
+    assert "apply when it runs" in other["reason"]
     view = cp.get(f"/v1/endpoints/{name}").json()
-    assert (view["config"]["workers_max"], view["config"]["idle_timeout"]) == (2, 7)
+    assert view["config_hash"] == hash_before and view["config"]["idle_timeout"] == 5
+
+
+def test_prewarm_creates_nothing_when_the_budget_is_reached(lab, cp, name):
+    cp.put("/v1/budget", json={"limit": 0})
+    try:
+        r = lab.call("POST", "/prewarm", json={"line": f"%%flash name={name}"})
+        assert r.status_code == 402 and "budget" in r.json()["error"], r.text
+        assert cp.get(f"/v1/endpoints/{name}").status_code == 404
+    finally:
+        cp.put("/v1/budget", json={"limit": None})
 
 
 def test_prewarm_without_a_name_uses_the_magics_default_name(lab, server):

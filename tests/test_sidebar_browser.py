@@ -70,21 +70,22 @@ pytestmark = [
 # ---------------------------------------------------------------- JupyterLab
 
 
-def write_notebook(path: Path, cells: list[str]) -> None:
-    nb = {
-        "cells": [
-            {"cell_type": "code", "metadata": {}, "source": src, "outputs": [],
-             "execution_count": None}
-            for src in cells
-        ],
-        "metadata": {
+def write_notebook(path: Path, cells: list[str], data_dir: Path) -> None:
+    """The notebook, signed with the secret of the Jupyter whose data folder is ``data_dir``
+    (as Jupyter signs what it saves): prewarm acts only on trusted cells."""
+    import nbformat
+    from nbformat.sign import NotebookNotary
+
+    nb = nbformat.v4.new_notebook(
+        cells=[nbformat.v4.new_code_cell(src) for src in cells],
+        metadata={
             "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
             "language_info": {"name": "python"},
         },
-        "nbformat": 4,
-        "nbformat_minor": 5,
-    }  # fmt: skip
-    path.write_text(json.dumps(nb, indent=1))
+    )
+    nbformat.write(nb, path)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    NotebookNotary(data_dir=str(data_dir)).sign(nbformat.read(path, as_version=4))
 
 
 def start_lab(tmp: Path, flash_env: dict[str, str], notebooks: dict[str, list[str]]) -> JupyterApp:
@@ -97,7 +98,7 @@ def start_lab(tmp: Path, flash_env: dict[str, str], notebooks: dict[str, list[st
     for d in (tmp / "root", settings, work, exts):
         d.mkdir(parents=True)
     for nb, cells in notebooks.items():
-        write_notebook(tmp / "root" / nb, cells)
+        write_notebook(tmp / "root" / nb, cells, tmp / "data")
     (exts / "flash-jupyter").symlink_to(BUILT)
     # No news or update toasts over the screenshots.
     notif = settings / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"

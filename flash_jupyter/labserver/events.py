@@ -10,6 +10,12 @@ once, not per socket). Messages a socket receives, in order:
 - ``{"type": "control_plane", "running": false, "message": ...}`` when it is lost (or when
   it joins and there is none); the hub retries with backoff (0.25 s doubling to 5 s), and
   at once when ``kick`` is called (after ``POST /start``).
+
+Bounds: an upstream line longer than ``event_feed.MAX_EVENT_BYTES`` is dropped as it
+streams in; a socket that joins while events pour in holds at most ``MAX_BACKLOG`` of them
+before its snapshot (past that it is closed, and the browser reconnects); a socket that
+does not read is closed by its handler (``handlers.EventsHandler``). Whatever fails, the
+subscription loop keeps going, and its messages never carry the token.
 """
 
 from __future__ import annotations
@@ -21,18 +27,24 @@ from typing import Any, Protocol
 
 import httpx
 
+from ..event_feed import LineSplitter
 from .relay import NotRunning, Relay, RelayError
 
 BACKOFF_START = 0.25
 BACKOFF_MAX = 5.0
 # The control plane sends a keep-alive every 15 s: a read silent for longer is a lost link.
 READ_TIMEOUT = 40.0
+MAX_BACKLOG = 1000  # events held for a socket waiting for its own snapshot
 
 WAITING, JOINING, LIVE = "waiting", "joining", "live"
 
 
 class Sink(Protocol):
-    def send(self, text: str) -> None: ...
+    def send(self, text: str) -> None:
+        """Queue ``text`` for the browser; raise if the socket is gone (or was dropped)."""
+
+    def drop(self, reason: str) -> None:
+        """Close the socket: it fell too far behind (the browser reconnects)."""
 
 
 def _control_plane(running: bool, message: str = "") -> str:
@@ -112,7 +124,12 @@ class EventHub:
             if state == LIVE:
                 self._send(sink, text)
             elif state == JOINING:
-                self.backlog[sink].append(text)
+                backlog = self.backlog[sink]
+                backlog.append(text)
+                if len(backlog) > MAX_BACKLOG:
+                    self.remove(sink)
+                    with contextlib.suppress(Exception):
+                        sink.drop("too many events before its snapshot; reconnect")
 
     # -- upstream
     def _down(self, message: str) -> None:
@@ -136,6 +153,10 @@ class EventHub:
                 message = e.message
             except httpx.HTTPError as e:
                 message = f"lost the control plane's event stream ({type(e).__name__})"
+            except Exception as e:  # never the loop's end; the text may echo a header
+                message = f"lost the control plane's event stream ({type(e).__name__})"
+                if message != self.message:  # once, not at every retry
+                    self.relay.log_error("the event relay", e)
             if self.running:
                 delay = BACKOFF_START  # it was up: try again soon
             self._down(message)
@@ -152,19 +173,24 @@ class EventHub:
                 await r.aread()
                 raise RelayError(r.status_code, f"/v1/events: HTTP {r.status_code}")
             first = True
-            async for line in r.aiter_lines():
-                if not line.startswith("data: "):
-                    continue  # keep-alives and blank separators
-                text = line[6:]
-                if first:  # the snapshot: every socket that waits gets it
-                    first = False
-                    self.running, self.message = True, ""
-                    hello = _control_plane(True)
-                    for sink, state in list(self.sinks.items()):
-                        if state != LIVE:
-                            self.backlog.pop(sink, None)
-                            self.sinks[sink] = LIVE
-                            self._send(sink, hello)
-                            self._send(sink, text)
-                    continue
-                self._broadcast(text)
+            lines = LineSplitter()
+            async for chunk in r.aiter_bytes():
+                for line in lines.feed(chunk):
+                    if line.startswith("data: "):  # not keep-alives and blank separators
+                        first = self._take(line[6:], first)
+
+    def _take(self, text: str, first: bool) -> bool:
+        """One event's JSON text from upstream; whether the snapshot is still to come."""
+        if not first:
+            self._broadcast(text)
+            return False
+        # The snapshot: every socket that waits gets it.
+        self.running, self.message = True, ""
+        hello = _control_plane(True)
+        for sink, state in list(self.sinks.items()):
+            if state != LIVE:
+                self.backlog.pop(sink, None)
+                self.sinks[sink] = LIVE
+                self._send(sink, hello)
+                self._send(sink, text)
+        return False

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import traceback
 from typing import Any
 from urllib.parse import urlparse
 
@@ -48,7 +50,8 @@ def remote_mode() -> bool:
 class Relay:
     """One per Jupyter server: the control plane's address and an HTTP client for it."""
 
-    def __init__(self) -> None:
+    def __init__(self, log: logging.Logger | None = None) -> None:
+        self.log = log or logging.getLogger(__name__)
         self._info: dict[str, Any] | None = None
         self._http: httpx.AsyncClient | None = None
         self._http_key: tuple[str, str] | None = None
@@ -72,8 +75,13 @@ class Relay:
         except errors.ControlPlaneError as e:
             self._info = None
             if remote_mode():
-                raise NotRunning(f"{e} (FLASH_JUPYTER_URL); start it there") from None
+                raise NotRunning(self.scrub(f"{e} (FLASH_JUPYTER_URL); start it there")) from None
             raise NotRunning(f"{NOT_RUNNING}; {START_HINT}") from None
+        except Exception as e:  # its text may echo the token (an invalid header value)
+            self._info = None
+            if not _bad_token():
+                self.log_error("looking up the control plane", e)
+            raise NotRunning(_lookup_failed(e)) from None
         self._info = info
         return info
 
@@ -94,11 +102,23 @@ class Relay:
 
     def scrub(self, text: str) -> str:
         """``text`` with the control plane's token masked: a last guard, so that nothing
-        this server sends to a browser can carry it."""
-        token = (self._info or {}).get("token") or (self._http_key or ("", ""))[1]
-        if token and token in text:
-            return text.replace(token, "***")
+        this server sends to a browser or writes to its log can carry it (the token of
+        the control plane in use, and FLASH_JUPYTER_TOKEN as set, as ``repr`` shows it too)."""
+        for token in (
+            (self._info or {}).get("token") or "",
+            (self._http_key or ("", ""))[1],
+            envvars.get("FLASH_JUPYTER_TOKEN") or "",
+        ):
+            for t in (token, token.strip(), repr(token)[1:-1]):
+                if len(t) >= 4 and t in text:
+                    text = text.replace(t, "***")
         return text
+
+    def log_error(self, where: str, e: BaseException) -> None:
+        """An unexpected failure, with its traceback, in the Jupyter server's log (scrubbed:
+        an exception's text may echo a request header)."""
+        text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+        self.log.error("flash-jupyter: %s failed:\n%s", where, self.scrub(text))
 
     # -- requests
     async def request(self, method: str, path: str, body: Any = None) -> Any:
@@ -169,6 +189,23 @@ class Relay:
         except (errors.FlashError, OSError) as e:
             raise RelayError(503, f"could not start the control plane: {e}") from None
         return await self.status()
+
+
+def _bad_token() -> bool:
+    """FLASH_JUPYTER_TOKEN has what no HTTP header can carry (a stray \\r from a CRLF file)."""
+    token = envvars.get("FLASH_JUPYTER_TOKEN") or ""
+    return bool(token) and (token != token.strip() or not token.isprintable())
+
+
+def _lookup_failed(e: Exception) -> str:
+    """Why the control plane could not be looked up, from an unexpected error, without its
+    text (urllib's "Invalid header value b'Bearer ...'" carries the token)."""
+    if _bad_token():
+        return ("FLASH_JUPYTER_TOKEN cannot be sent in an HTTP header (it has a space, newline "
+                "or control character, often a trailing \\r or \\n): set it to the token "
+                "alone, then restart the Jupyter server")  # fmt: skip
+    return (f"could not look up the control plane ({type(e).__name__}); see the Jupyter "
+            "server's log, or run `flash-jupyter status`")  # fmt: skip
 
 
 def _answer(r: httpx.Response, method: str, path: str) -> Any:

@@ -19,6 +19,7 @@ asked for; a ``budget`` event (the view) is published only when a limit or a sta
 from __future__ import annotations
 
 import math
+import sys
 from typing import TYPE_CHECKING, Any
 
 from .. import catalog
@@ -43,14 +44,32 @@ def parse_limit(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(
             f'a budget limit is a number of US dollars (0 or more), or null or "off" to '
-            f"clear it; got {value!r}"
+            f"clear it; got {_short(value)}"
         )
-    v = float(value)
+    try:
+        v = float(value)
+    except OverflowError:  # a whole number too big for a float (JSON allows any length)
+        v = math.inf
     if not math.isfinite(v) or v < 0:
         raise ValueError(
-            f"a budget limit must be a finite number of US dollars, 0 or more; got {value!r}"
+            f"a budget limit must be a finite number of US dollars, 0 or more; got {_short(value)}"
         )
     return v
+
+
+def _short(value: Any) -> str:
+    """``repr(value)``, cut short: an error message need not echo a 4000-digit number."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's digit limit for str()
+        return "a number too long to show"
+    return text if len(text) <= 60 else f"{text[:40]}... ({len(text)} characters)"
+
+
+def _warn(message: str) -> None:
+    """A note in the control plane's log about the stored limits (read at start)."""
+    print(f"flash-jupyter: budget: {message}; set it again with `flash-jupyter budget`",
+          file=sys.stderr)  # fmt: skip
 
 
 def _plain(v: float) -> str:
@@ -92,17 +111,37 @@ class Budget:
 
     # -- persistence
     def load(self) -> None:
-        """The limits kept in flash.db (at start)."""
-        stored = self.cp.store.load_setting(SETTING) or {}
+        """The limits kept in flash.db (at start). A hand-edited row never stops the control
+        plane from starting, and one bad part costs only that part: every limit that still
+        reads is kept (a bad endpoint entry must not lift the session's limit), and what
+        is dropped is said in the control plane's log."""
+        self.limit, self.ep_limits = None, {}
+        try:
+            stored = self.cp.store.load_setting(SETTING)
+        except (ValueError, TypeError):  # not JSON text at all
+            _warn("its stored value is not JSON; no limit is set")
+            stored = None
+        if stored is None:
+            stored = {}
+        if not isinstance(stored, dict):
+            _warn(f"its stored value is not an object ({type(stored).__name__}); no limit is set")
+            stored = {}
         try:
             self.limit = parse_limit(stored.get("limit"))
-            self.ep_limits = {
-                str(k): v
-                for k, v in (stored.get("endpoints") or {}).items()
-                if parse_limit(v) is not None
-            }
-        except (ValueError, AttributeError):  # a hand-edited row: no guard rather than none
-            self.limit, self.ep_limits = None, {}
+        except ValueError as e:
+            _warn(f"the session's stored limit is dropped: {e}")
+        endpoints = stored.get("endpoints") or {}
+        if not isinstance(endpoints, dict):
+            _warn("the stored endpoint limits are not an object; they are dropped")
+            endpoints = {}
+        for name, value in endpoints.items():
+            try:
+                limit = parse_limit(value)
+            except ValueError as e:
+                _warn(f"the stored limit of endpoint {name!r} is dropped: {e}")
+                continue
+            if limit is not None:
+                self.ep_limits[str(name)] = limit
         self.evaluate(publish=False)
 
     def _save(self) -> None:

@@ -2,6 +2,8 @@
  * Prewarm on intent: selecting a `%%flash` cell asks for its endpoint to be warmed, so running
  * it usually finds a warm worker. The server extension parses the magic line with the same
  * settings rules as running the cell. Each distinct line is warmed once per notebook.
+ * Only trusted cells warm (notebooks Jupyter saved, or cells the user ran): opening someone
+ * else's notebook must not start workers that cost money.
  */
 import { ISettingRegistry } from '@jupyterlab/settingregistry';
 import { INotebookTracker, NotebookPanel } from '@jupyterlab/notebook';
@@ -68,7 +70,7 @@ export class Prewarmer {
       }
       const panel = this.tracker.currentWidget;
       const cell = this.tracker.activeCell;
-      if (!panel || !cell || cell.model.type !== 'code') {
+      if (!panel || !cell || cell.model.type !== 'code' || !cell.model.trusted) {
         return;
       }
       const line = flashLine(cell.model.sharedModel.getSource());
@@ -83,9 +85,9 @@ export class Prewarmer {
     if (this.mode !== 'on-open') {
       return;
     }
-    for (const cell of panel.content.model?.sharedModel.cells ?? []) {
-      if (cell.cell_type === 'code') {
-        const line = flashLine(cell.getSource());
+    for (const cell of panel.content.model?.cells ?? []) {
+      if (cell.type === 'code' && cell.trusted) {
+        const line = flashLine(cell.sharedModel.getSource());
         if (line) {
           this.warm(panel, line);
         }
