@@ -190,10 +190,10 @@ class Receipt:
     and its receipt at the end. Driven by ``Job.wait`` (``tick``, ``progress``, ``finish``,
     ``interrupted``) on the thread that waits."""
 
-    def __init__(self, endpoint: str, show_after: float = SHOW_AFTER):
+    def __init__(self, endpoint: str, show_after: float | None = None):
         self.endpoint = endpoint
         self.t0 = time.monotonic()
-        self.show_after = show_after
+        self.show_after = SHOW_AFTER if show_after is None else show_after
         self.state = "Queued"
         self.phase: str | None = None
         self.hardware: str | None = None
