@@ -16,22 +16,18 @@ from pathlib import Path
 
 import pytest
 from conftest import use_server, wait_for
-from test_build_envs import CLI, INSTALLERS, cli, env_dirs, offline
-from test_dependencies import make_wheel
+from test_build_envs import (
+    CLI,
+    INSTALLERS,
+    cli,
+    env_dirs,
+    offline,
+)
 from test_preload import ready_spare, worker_gone
 
 from flash_jupyter import Endpoint
 from flash_jupyter.jupyter import dashboard_cards as cards
 from flash_jupyter.providers import environments as envs
-
-
-@pytest.fixture
-def wheels(tmp_path: Path) -> Path:
-    folder = tmp_path / "wheels"
-    folder.mkdir()
-    make_wheel(folder)
-    return folder
-
 
 # ---------------------------------------------------------------- byte code
 

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 from conftest import use_server, wait_for
-from test_dependencies import make_wheel
 
 from flash_jupyter import Endpoint
 from flash_jupyter.app.build import registered_endpoints
@@ -29,14 +28,6 @@ INSTALLERS = [
     pytest.param("pip"),
     pytest.param("uv", marks=pytest.mark.skipif(NO_UV, reason="uv is not installed")),
 ]
-
-
-@pytest.fixture
-def wheels(tmp_path: Path) -> Path:
-    folder = tmp_path / "wheels"
-    folder.mkdir()
-    make_wheel(folder)
-    return folder
 
 
 def offline(wheels: Path, home: Path, installer: str = "auto") -> dict[str, str]:

@@ -14,7 +14,6 @@ Only the standard library is imported here: the worker loads this module at its 
 
 from __future__ import annotations
 
-import ast
 import builtins
 import hashlib
 import importlib
@@ -24,6 +23,8 @@ import types
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from ..worker.cells import exec_cell
 
 # Per worker process: the user's modules by (file, module name, digest of the code), and a
 # class endpoint's instances by (class, init arguments).
@@ -178,12 +179,7 @@ class CellHandler:
         last: Any = None
         for i, src in enumerate(self.sources):
             filename = f"<cell {i + 1} of {Path(self.file).name if self.file else 'notebook'}>"
-            tree = ast.parse(src, filename)
-            tail = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
-            exec(compile(tree, filename, "exec"), ns)
-            last = None
-            if tail is not None:
-                last = eval(compile(ast.Expression(tail.value), filename, "eval"), ns)
+            _, last = exec_cell(src, filename, ns)
             for n in bound_names(src):
                 if n not in bound:
                     bound.append(n)
