@@ -8,7 +8,8 @@ flash-jupyter logs NAME [--tail N]
 flash-jupyter scale NAME MIN,MAX | stop NAME | delete NAME
 flash-jupyter billing
 flash-jupyter budget [LIMIT|off] [--endpoint NAME]                the spending guard
-flash-jupyter build --deps a,b                                   prebuild an environment
+flash-jupyter build PATH [--set NAME.K=V] | build --deps a,b   environments ahead of time
+flash-jupyter envs [prune [--all]]                               environments kept
 """
 
 from __future__ import annotations
@@ -74,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("limit", nargs="?", help="US dollars (e.g. 2.50), or off")
     s.add_argument("--endpoint", help="the limit of this endpoint instead of the session's")
     s.add_argument("--json", action="store_true")
-    s = sub.add_parser("build", help="build a dependency environment ahead of time")
-    s.add_argument("--deps", required=True, help="comma-separated pip requirements")
+    from .app import commands as app_commands  # build, envs, deploy, undeploy, dev
+
+    app_commands.add_parsers(sub)
     a = p.parse_args(argv)
     from .errors import FlashError
 
@@ -87,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(a: argparse.Namespace) -> int:
+    from .app import commands as app_commands
 
     if a.cmd == "start":
         from .client import start_local
@@ -144,19 +147,8 @@ def _run(a: argparse.Namespace) -> int:
         print(f"export FLASH_JUPYTER_URL={c.url}")
         print(f"export FLASH_JUPYTER_TOKEN={c.token}")
         return 0
-    if a.cmd == "build":
-        from .config import BY_NAME
-        from .providers.environments import ensure_environment
-
-        deps = tuple(BY_NAME["dependencies"].parse_text(a.deps))
-        t = time.monotonic()
-        try:
-            py = ensure_environment(paths.home(), deps)
-        except Exception as e:  # pip's own message is the useful part
-            print(f"flash-jupyter: {e}", file=sys.stderr)
-            return 1
-        print(f"environment ready in {time.monotonic() - t:.1f} s: {py}")
-        return 0
+    if a.cmd in app_commands.COMMANDS:
+        return app_commands.run(a)
 
     if a.cmd == "budget" and a.limit is not None:  # checked before connecting
         try:
@@ -178,7 +170,8 @@ def _run(a: argparse.Namespace) -> int:
         if a.json:
             print(json.dumps(eps, indent=2))
         else:
-            print(format_status(eps, None if a.name else c.billing()))
+            spares = None if a.name else c._call("GET", "/v1/info")["provider"].get("spares")
+            print(format_status(eps, None if a.name else c.billing(), spares))
     elif a.cmd == "logs":
         for e in c.logs(a.name, a.tail):
             sys.stdout.write(e["text"])

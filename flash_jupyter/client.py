@@ -557,6 +557,11 @@ class Client:
         params = {"endpoint": endpoint} if endpoint else {}
         return self._call("GET", "/v1/jobs", params=params)
 
+    def spares(self) -> list[dict[str, Any]]:
+        """The provider's spare workers (``/v1/info``'s ``provider.spares``): kept ready per
+        environment, holding worker slots, billed to no endpoint until adopted."""
+        return (self._call("GET", "/v1/info").get("provider") or {}).get("spares") or []
+
 
 _USER_PATHS: tuple[tuple, tuple[str, ...]] = ((), ())
 

@@ -40,6 +40,7 @@ class WorkersTextError(ConfigError):
 
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 DEFAULT_NAME = "notebook"  # the endpoint of a %%flash cell that names none
 
 
@@ -117,6 +118,8 @@ SETTINGS: tuple[Setting, ...] = (
             "limit)", "timeout=SECONDS", aliases=("timeout",)),
     Setting("max_concurrency", 1, "int", "jobs one worker runs at once (1 to 1000)",
             "max_concurrency=N", env=True),
+    Setting("preload", (), "list", "modules the workers and the spare worker import before "
+            "a job arrives, comma-separated", "preload=torch,numpy"),
 )  # fmt: skip
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
@@ -240,6 +243,7 @@ class EndpointConfig:
     env: dict[str, str] = field(default_factory=dict)
     execution_timeout: float | None = None
     max_concurrency: int = 1
+    preload: tuple[str, ...] = ()
 
     # -- construction
     @classmethod
@@ -305,6 +309,7 @@ class EndpointConfig:
                 f"max_concurrency must be an integer from 1 to 1000, not {max_concurrency!r}"
             )
         deps = _str_tuple(v["dependencies"], "dependencies")
+        preload = _module_names(v["preload"])
         sysdeps = _str_tuple(v["system_dependencies"], "system_dependencies")
         env = v["env"]
         if env is None:
@@ -328,6 +333,7 @@ class EndpointConfig:
             env=env,
             execution_timeout=exec_limit,
             max_concurrency=max_concurrency,
+            preload=preload,
         )
 
     @classmethod
@@ -384,6 +390,7 @@ class EndpointConfig:
             "env": dict(self.env),
             "execution_timeout": self.execution_timeout,
             "max_concurrency": self.max_concurrency,
+            "preload": self.preload,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -391,6 +398,7 @@ class EndpointConfig:
         d["gpu"] = list(self.gpu)
         d["dependencies"] = list(self.dependencies)
         d["system_dependencies"] = list(self.system_dependencies)
+        d["preload"] = list(self.preload)
         return d
 
     def _hash(self, fields: tuple[str, ...] | None) -> str:
@@ -463,6 +471,18 @@ def _parse_workers(workers: Any) -> tuple[int, int]:
     if wmax > 100:
         raise ConfigError(f"workers max must be at most 100, not {wmax}")
     return wmin, wmax
+
+
+def _module_names(v: Any) -> tuple[str, ...]:
+    """``preload``: importable module names (``torch``, ``numpy.linalg``), each once."""
+    names = _str_tuple(v, "preload")
+    bad = [n for n in names if not MODULE_RE.match(n)]
+    if bad:
+        raise ConfigError(
+            f"preload names modules to import, like torch or numpy.linalg; not "
+            f"{', '.join(map(repr, bad))}"
+        )
+    return tuple(dict.fromkeys(names))
 
 
 def _str_tuple(v: Any, what: str) -> tuple[str, ...]:

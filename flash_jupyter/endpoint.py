@@ -338,6 +338,8 @@ class Endpoint:
         env: environment variables of the workers.
         execution_timeout: seconds a job may run before it is TIMED_OUT.
         max_concurrency: jobs one worker runs at once.
+        preload: modules imported before a job arrives, by each worker as it starts and by
+            the spare worker kept for the endpoint's environment (e.g. ``["torch"]``).
     """
 
     def __init__(
@@ -354,6 +356,7 @@ class Endpoint:
         env: dict[str, str] | None = None,
         execution_timeout: float | None = None,
         max_concurrency: int = 1,
+        preload: Iterable[str] = (),
     ):
         self._kw = dict(
             gpu=gpu,
@@ -368,6 +371,7 @@ class Endpoint:
             env=env,
             execution_timeout=execution_timeout,
             max_concurrency=max_concurrency,
+            preload=tuple(preload) if not isinstance(preload, str) else preload,
         )
         self.name = name
         # Validate now, so a typo fails where it was written.

@@ -79,6 +79,10 @@ VARS: tuple[Var, ...] = (
         "[GPU placement](#gpu-placement-and-emulation))"),
     Var("FLASH_JUPYTER_SPARE_WORKERS", FLAG, True, "control plane", "`1`",
         "`0` (or empty): do not keep a spare worker process ready for fast cold starts"),
+    Var("FLASH_JUPYTER_SPARE_LIMIT", INT, 4, "control plane", "`4`",
+        "most spare worker processes at once (at most one per dependency environment, each "
+        "counting against `FLASH_JUPYTER_MAX_WORKERS`; see "
+        "[spares and preload](#spare-workers-and-preload))", minimum=1),
     Var("FLASH_JUPYTER_MAX_RETRIES", INT, 2, "control plane", "`2`",
         "times a job is re-run after its worker dies under it, before it fails", minimum=0),
     Var("FLASH_JUPYTER_MAX_BODY_BYTES", INT, None, "control plane",
@@ -116,9 +120,14 @@ VARS: tuple[Var, ...] = (
         doc_only=True),
     Var("XDG_DATA_HOME", PATH, None, "everything", "`~/.local/share`",
         "base of the default data directory"),
-    Var("PIP_*", TEXT, None, "pip, when building dependency environments", "",
-        "(`PIP_INDEX_URL`, `PIP_NO_INDEX`, ...) pip runs with the control plane's "
-        "environment, so its usual settings apply", doc_only=True),
+    Var("FLASH_JUPYTER_INSTALLER", TEXT, "auto", "control plane, `flash-jupyter build`",
+        "`auto`", "what builds dependency environments: `uv`, `pip`, or `auto` (uv when it is "
+        "installed, else venv and pip; when uv cannot resolve the requirements, pip tries and "
+        "the build says so)"),
+    Var("PIP_*", TEXT, None, "pip and uv, when building dependency environments", "",
+        "(`PIP_INDEX_URL`, `PIP_NO_INDEX`, `PIP_FIND_LINKS`, ...) pip runs with the control "
+        "plane's environment, so its usual settings apply; uv is given the same indexes, "
+        "find-links and constraints (from `pip config list`)", doc_only=True),
 )  # fmt: skip
 
 BY_NAME: dict[str, Var] = {v.name: v for v in VARS}

@@ -17,10 +17,33 @@ def table(rows: list[list[str]], head: list[str]) -> str:
     return "\n".join([fmt.format(*head), *(fmt.format(*map(str, r)) for r in rows)])
 
 
-def format_status(endpoints: list[dict[str, Any]], billing: dict[str, Any] | None = None) -> str:
-    """A text dashboard: one block per endpoint, one line per worker slot."""
+def format_spares(spares: list[dict[str, Any]]) -> list[str]:
+    """``/v1/info``'s ``provider.spares`` as lines: "spare (environment py311-abc,
+    preloaded: torch, numpy): ready". A spare holds a worker slot and is billed to nobody
+    until a cold start adopts it."""
+    out = []
+    for sp in spares:
+        names = sp.get("preloaded") if sp.get("state") == "ready" else sp.get("preload")
+        what = ", ".join(names or []) or "nothing"
+        verb = "preloaded" if sp.get("state") == "ready" else "importing"
+        failed = f"; failed to import {', '.join(sp['failed'])}" if sp.get("failed") else ""
+        out.append(f"spare (environment {sp['environment']}, {verb}: {what}{failed}): "
+                   f"{sp['state']}")  # fmt: skip
+    if out:
+        out.append("spares hold worker slots and are billed to no endpoint until a cold start "
+                   "adopts one")  # fmt: skip
+    return out
+
+
+def format_status(
+    endpoints: list[dict[str, Any]],
+    billing: dict[str, Any] | None = None,
+    spares: list[dict[str, Any]] | None = None,
+) -> str:
+    """A text dashboard: one block per endpoint, one line per worker slot; then the spare
+    workers (``spares``: ``/v1/info``'s ``provider.spares``), if given."""
     if not endpoints:
-        return "no endpoints yet"
+        return "\n".join(["no endpoints yet", *format_spares(spares or [])])
     out = []
     for ep in endpoints:
         c = ep["config"]
@@ -57,6 +80,7 @@ def format_status(endpoints: list[dict[str, Any]], billing: dict[str, Any] | Non
     if billing:
         tag = " (estimate at list price)" if billing.get("estimate") else ""
         out.append(f"total ${billing['total']:.6f}{tag}; prices as of {billing['prices_as_of']}")
+    out.extend(format_spares(spares or []))
     return "\n".join(out)
 
 

@@ -193,3 +193,15 @@ def poll(api: httpx.Client, name: str, jid: str, timeout: float = 60) -> dict:
         return r.json() if r.json()["status"] in TERMINAL else None
 
     return wait_for(done, timeout=timeout, what=f"job {jid} to finish")
+
+
+@pytest.fixture
+def wheels(tmp_path: Path) -> Path:
+    """A find-links folder holding one tiny local wheel (fjtinypkg): a dependency that
+    installs with no network."""
+    from test_dependencies import make_wheel
+
+    folder = tmp_path / "wheels"
+    folder.mkdir()
+    make_wheel(folder)
+    return folder

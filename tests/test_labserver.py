@@ -362,8 +362,8 @@ def test_prewarm_without_a_name_uses_the_magics_default_name(lab, server):
 def test_magic_line_parser_matches_the_magic():
     """The server parses without IPython: its options must stay the magic's."""
     pytest.importorskip("IPython")
+    from flash_jupyter import magic_line
     from flash_jupyter.jupyter.magics import LIMIT, FlashMagics
-    from flash_jupyter.labserver import magic_line
 
     def options(parser):
         return sorted((tuple(a.option_strings), a.dest, a.nargs, a.default)

@@ -28,6 +28,7 @@ from . import dashboard_cards as cards
 
 MIN_GAP = 0.2  # seconds between two redraws: at most 5 a second
 SYNC_WAIT = 5.0  # how long dashboard() waits for the first snapshot before showing
+SPARES_EVERY = 2.0  # spares are not in the event feed: fetched at a redraw, this often at most
 
 
 def _client() -> Any:
@@ -144,6 +145,8 @@ class Dashboard(widgets.VBox):
         self._last_tick = 0.0
         self._closed = False
         self.renders = 0  # redraw passes so far (tests, and a curious user)
+        self._spares: list[dict[str, Any]] = []
+        self._spares_at = -SPARES_EVERY
         super().__init__([self.header, self.cards_box])
         self._feed.add_listener(self._on_event)
         self._feed.wait_synced(SYNC_WAIT)
@@ -223,20 +226,33 @@ class Dashboard(widgets.VBox):
         with self._cond:
             self._countdowns &= set(names)
         self.header.value = cards.header_html(
-            views, budget, self._feed.connected, self._feed.message
+            views, budget, self._feed.connected, self._feed.message, self._spare_views()
         )
         self.renders += 1
+
+    def _spare_views(self) -> list[dict[str, Any]]:
+        """The control plane's spare workers, as of at most SPARES_EVERY seconds ago (the
+        last ones known if it cannot be asked)."""
+        if time.monotonic() - self._spares_at >= SPARES_EVERY:
+            self._spares_at = time.monotonic()
+            try:
+                self._spares = self._client().spares()
+            except Exception:
+                pass
+        return self._spares
 
     # -- fallbacks for front ends without the widget manager
     def text(self) -> str:
         return cards.page_text(
-            self._ordered(), self._feed.budget, self._feed.connected, self._feed.message
-        )
+            self._ordered(), self._feed.budget, self._feed.connected, self._feed.message,
+            self._spare_views(),
+        )  # fmt: skip
 
     def html(self) -> str:
         return cards.page_html(
-            self._ordered(), self._feed.budget, None, self._feed.connected, self._feed.message
-        )
+            self._ordered(), self._feed.budget, None, self._feed.connected, self._feed.message,
+            self._spare_views(),
+        )  # fmt: skip
 
     def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
         data = super()._repr_mimebundle_(**kwargs) or {}

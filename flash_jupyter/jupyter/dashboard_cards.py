@@ -13,7 +13,7 @@ from html import escape
 from typing import Any
 
 from ..catalog import money
-from ..status_text import format_status
+from ..status_text import format_spares, format_status
 
 STATE_COLOURS = {
     "Initializing": "#b7791f",  # amber: starting
@@ -184,12 +184,26 @@ def card_html(
     )
 
 
+def spares_html(spares: list[dict[str, Any]] | None) -> str:
+    """The spare workers (``/v1/info``'s ``provider.spares``), one line each, as
+    ``flash-jupyter status`` writes them; empty without any."""
+    lines = format_spares(spares or [])
+    if not lines:
+        return ""
+    *each, note = lines
+    items = "".join(f"<div>{escape(line)}</div>" for line in each)
+    return (f'<div style="font-size:12px; margin:2px 0; color:#4a5568">{items}'
+            f'<div style="color:#718096">{escape(note)}</div></div>')  # fmt: skip
+
+
 def header_html(
     endpoints: list[dict[str, Any]],
     budget: dict[str, Any] | None,
     connected: bool = True,
     message: str = "",
+    spares: list[dict[str, Any]] | None = None,
 ) -> str:
+    """The line above the cards (endpoints, session cost, budget), then the spare workers."""
     session = sum(float(v.get("session_cost") or 0) for v in endpoints)
     est = " (estimate)" if any(v.get("emulated") for v in endpoints) else ""
     parts = [
@@ -200,7 +214,8 @@ def header_html(
     parts.append(b or '<span style="color:#718096">no budget (%flash budget 2.50 sets one)</span>')
     if not connected:
         parts.append(f'<span style="color:#c53030">{escape(message or "not connected")}</span>')
-    return f'<div style="font-size:12px; margin:2px 0">{" &middot; ".join(parts)}</div>'
+    head = f'<div style="font-size:12px; margin:2px 0">{" &middot; ".join(parts)}</div>'
+    return head + spares_html(spares)
 
 
 def page_html(
@@ -209,10 +224,11 @@ def page_html(
     now: float | None = None,
     connected: bool = True,
     message: str = "",
+    spares: list[dict[str, Any]] | None = None,
 ) -> str:
     """The whole dashboard as static HTML (the ``text/html`` fallback)."""
     cards = "".join(card_html(v, now, budget) for v in endpoints)
-    return header_html(endpoints, budget, connected, message) + (
+    return header_html(endpoints, budget, connected, message, spares) + (
         cards or '<div style="color:#718096">no endpoints yet</div>'
     )
 
@@ -222,10 +238,11 @@ def page_text(
     budget: dict[str, Any] | None,
     connected: bool = True,
     message: str = "",
+    spares: list[dict[str, Any]] | None = None,
 ) -> str:
     """The whole dashboard as text (the ``text/plain`` fallback): ``%flash status --text``
-    plus the session's cost and budget."""
-    lines = [format_status(endpoints)]
+    (the spare workers included) plus the session's cost and budget."""
+    lines = [format_status(endpoints, None, spares)]
     session = sum(float(v.get("session_cost") or 0) for v in endpoints)
     lines.append(f"session cost {money(session)}")
     if budget and budget.get("limit") is not None:

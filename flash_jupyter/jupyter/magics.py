@@ -261,7 +261,7 @@ class FlashMagics(Magics):
 
                 display(board)
             else:
-                print(format_status(client.endpoints(), client.billing()))
+                print(format_status(client.endpoints(), client.billing(), client.spares()))
             for line in self.remote.summary() + self.lost_notes[-10:]:
                 print(line)
             return None

@@ -129,6 +129,7 @@ def receipt_fields(endpoint: str, outcome: dict[str, Any], hardware: str | None)
         "cold_start_s": cold_s,
         # Phases that did not happen (no environment to build) are left out.
         "cold_start_phases_s": {k: v / 1000 for k, v in phases.items() if v},
+        "environment": outcome.get("environment"),  # "pre-installed" or "installed at ..."
         "run_s": run,
         "price_per_second": price,
         "cost_run": cost_run,
@@ -162,7 +163,9 @@ def receipt_parts(f: dict[str, Any]) -> list[str]:
         cs = f"cold start {seconds(f['cold_start_s'])}"
         ph = f["cold_start_phases_s"]
         if ph:
-            cs += " (" + ", ".join(f"{k} {seconds(v)}" for k, v in ph.items()) + ")"
+            env = f.get("environment")  # the environment phase says how: "pre-installed"
+            named = {k: f"{k} {env}" if k == "environment" and env else k for k in ph}
+            cs += " (" + ", ".join(f"{named[k]} {seconds(v)}" for k, v in ph.items()) + ")"
         parts.append(cs)
     parts.append(f"run {seconds(f['run_s'])}")
     parts.append(_cost_text(f))
@@ -187,10 +190,10 @@ class Receipt:
     and its receipt at the end. Driven by ``Job.wait`` (``tick``, ``progress``, ``finish``,
     ``interrupted``) on the thread that waits."""
 
-    def __init__(self, endpoint: str, show_after: float = SHOW_AFTER):
+    def __init__(self, endpoint: str, show_after: float | None = None):
         self.endpoint = endpoint
         self.t0 = time.monotonic()
-        self.show_after = show_after
+        self.show_after = SHOW_AFTER if show_after is None else show_after
         self.state = "Queued"
         self.phase: str | None = None
         self.hardware: str | None = None

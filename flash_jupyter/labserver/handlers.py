@@ -30,8 +30,8 @@ from tornado.concurrent import Future
 
 from ..config import NAME_RE, EndpointConfig
 from ..errors import ConfigError
+from ..magic_line import LineError, endpoint_for
 from .events import EventHub
-from .magic_line import LineError, endpoint_for
 from .relay import NOT_RUNNING, NotRunning, Relay, RelayError
 
 API = "flash-jupyter/api"

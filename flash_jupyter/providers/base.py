@@ -42,6 +42,12 @@ class WorkerSpec:
     # its hello). Optional for a provider: the control plane assumes "environment" first for
     # an endpoint with dependencies and "process" otherwise, and ends the phase at hello.
     on_phase: Callable[[str], None] | None = field(default=None, repr=False, compare=False)
+    # Set by a provider that prepared a dependency environment, before it reports "process":
+    # "pre-installed" (it existed) or "installed at request time" (this start built it).
+    env_source: str | None = None
+    # Set by a provider that adopted a warm process instead of starting one: "preloaded"
+    # (a spare that had imported modules for the endpoint) or "plain"; None: a fresh one.
+    spare: str | None = None
 
     def phase(self, name: str) -> None:
         """Report a cold start phase (a no-op when nobody listens)."""

@@ -4,8 +4,16 @@ GPUs: on a host with NVIDIA GPUs, each worker gets the devices it asked for thro
 ``CUDA_VISIBLE_DEVICES``, matched by the names ``nvidia-smi`` reports. Where the host has no
 GPU of an acceptable type, the worker runs on the CPU and is labelled emulated
 ("A100 (emulated on CPU)"), unless ``FLASH_JUPYTER_STRICT_GPU=1`` makes that an error.
-Capacity: at most ``max_workers`` processes at once (``FLASH_JUPYTER_MAX_WORKERS``); a
-worker that cannot start for lack of a slot or of a free GPU is Throttled.
+Capacity: at most ``max_workers`` processes at once (``FLASH_JUPYTER_MAX_WORKERS``), spare
+workers included; a worker that cannot start for lack of a slot or of a free GPU is
+Throttled (after a spare has given its slot up, since a spare is billed to nobody).
+
+Spares: per dependency environment an endpoint has used in this session (and the plain
+interpreter), one process started from that environment's Python, connected, which has
+imported what the environment's workers imported last time (each worker writes that list
+to ``preload/<environment>/<endpoint>.json`` in the data directory) and the endpoints'
+``preload`` modules. A cold start adopts it (``assign``) instead of starting an interpreter
+and importing torch again. See docs/ARCHITECTURE.md, "Spare workers".
 """
 
 from __future__ import annotations
@@ -18,18 +26,21 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .. import catalog, credentials, envvars
-from ..config import EndpointConfig
+from ..config import MODULE_RE, EndpointConfig
 from .base import Allocation, PlacementError, WorkerSpec
-from .environments import ensure_environment
+from .environments import PRE_INSTALLED, mark_used, prepare
 
 SPARE_DELAY = 0.5  # seconds after an adoption before the next spare may start
 SPARE_PATIENCE = 10.0  # ... and at the latest, busy or not
 SPARE_WAIT = 2.0  # at most this long for a spare that is starting up
+PLAIN = "plain"  # the environment of endpoints without dependencies: this interpreter
 
 
 def detect_gpus() -> list[tuple[int, str, catalog.HardwareType | None]]:
@@ -64,6 +75,65 @@ def _last_line(path: Path) -> str:
         return ""
 
 
+@dataclass
+class Spare:
+    """A worker process kept ready for one environment. It holds a worker slot (capacity)
+    but belongs to, and is billed to, no endpoint until a cold start adopts it."""
+
+    env: str  # environment label: "plain" or the environment's folder name (py311-...)
+    python: str
+    modules: tuple[str, ...]  # what it was asked to import
+    paths: tuple[str, ...]  # code folders of the jobs that imported them
+    nonce: str = ""
+    proc: Any = None
+    conn: Any = None  # its wire connection, once it has imported everything and connected
+    ready: Any = None  # an asyncio.Event, set when it connects (or dies)
+    since: float = field(default_factory=time.time)
+    ready_at: float | None = None
+    preloaded: tuple[str, ...] = ()  # what it reports it imported
+    failed: tuple[str, ...] = ()
+    cuda: bool = False  # something it imported initialised CUDA (its devices are fixed)
+    holds_slot: bool = True
+    task: Any = None  # the asyncio task starting its process
+
+    def view(self) -> dict[str, Any]:
+        ready = self.conn is not None
+        return {
+            "environment": self.env,
+            "python": self.python,
+            "state": "ready" if ready else "starting",
+            "preload": list(self.modules),
+            "preloaded": list(self.preloaded) if ready else [],
+            "failed": list(self.failed),
+            "pid": getattr(self.proc, "pid", None),
+            "since": round(self.since, 3),
+            "start_s": None if self.ready_at is None else round(self.ready_at - self.since, 3),
+            "cuda_initialized": self.cuda,
+            "billed": False,
+        }
+
+
+@dataclass
+class EnvUse:
+    """An environment endpoints used in this session: who, and when last."""
+
+    python: str
+    users: dict[str, tuple[str, ...]] = field(default_factory=dict)  # endpoint -> preload=
+    last_used: float = 0.0
+
+
+def _deps_key(cfg: EndpointConfig) -> tuple[str, ...]:
+    return tuple(sorted(cfg.dependencies))
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
 class LocalProvider:
     name = "local"
 
@@ -83,13 +153,14 @@ class LocalProvider:
         self.strict_gpu = strict_gpu
         self.gpus = detect_gpus() if gpus is None else gpus
         self.free_gpus = {idx for idx, _, _ in self.gpus}
-        self.in_use = 0
+        self.in_use = 0  # worker slots held: workers and spares
         self.spare_workers: bool = envvars.get("FLASH_JUPYTER_SPARE_WORKERS")
-        self._spare_proc: Any = None
-        self._spare_conn: Any = None
-        self._spare_pending: Any = None
-        self._spare_task: Any = None
-        self._spare_ready: Any = None  # an asyncio.Event, made on the loop
+        self.spare_limit: int = envvars.get("FLASH_JUPYTER_SPARE_LIMIT")
+        self._spares: dict[str, Spare] = {}  # environment -> its spare
+        self._envs: dict[str, EnvUse] = {}  # environments used in this session
+        self._env_of: dict[tuple[str, ...], str] = {(): PLAIN}  # sorted deps -> environment
+        self._pending: dict[str, Any] = {}  # environment -> timer of a spare to start
+        self._waiting: dict[str, str] = {}  # environment -> why its spare is not there yet
         self._closing = False
         self._wire: tuple[str, int] = ("127.0.0.1", 0)
         self._token = ""
@@ -100,7 +171,7 @@ class LocalProvider:
         return [idx for idx, _, hw in self.gpus if hw is not None and hw.name in types]
 
     def allocate(self, config: EndpointConfig) -> Allocation | None:
-        if self.in_use >= self.max_workers:
+        if self.in_use >= self.max_workers and not self._slot_from_spare(config):
             return None
         if config.gpu:
             # One type per worker, in the endpoint's order of preference.
@@ -132,6 +203,26 @@ class LocalProvider:
     def release(self, allocation: Allocation) -> None:
         self.in_use = max(0, self.in_use - 1)
         self.free_gpus.update(allocation.devices)
+        for env in list(self._waiting):  # a slot came free: spares that wait for one
+            self._replenish(env)
+
+    def _slot_from_spare(self, config: EndpointConfig) -> bool:
+        """The host is full and a worker is wanted: a spare gives its slot up. One of another
+        environment is stopped (the least recently used); the endpoint's own spare keeps
+        running for the start that follows, which adopts it (or stops it)."""
+        mine = self._env_of.get(_deps_key(config))
+        others = [sp for sp in self._spares.values() if sp.env != mine and sp.holds_slot]
+        if others:
+            victim = min(others, key=lambda sp: self._last_used(sp.env))
+            self._retire(victim, "its slot went to a worker")
+            self._waiting[victim.env] = "the host is at capacity"
+            return True
+        own = self._spares.get(mine) if mine is not None else None
+        if own is not None and own.holds_slot:
+            own.holds_slot = False  # the worker starting now takes its slot over
+            self.in_use -= 1
+            return True
+        return False
 
     def would_emulate(self, config: EndpointConfig) -> bool:
         """The endpoint asks for a GPU type this host does not have (it would run on CPU)."""
@@ -145,86 +236,198 @@ class LocalProvider:
         quiet: Callable[[], bool] | None = None,
         prespawned: Any = None,
     ) -> None:
-        """Keep one spare worker process ready (imports done, connected, no endpoint yet).
+        """Keep a spare worker process ready (imports done, connected, no endpoint yet).
 
-        A cold start of an endpoint without dependencies adopts it: the spare applies the
-        endpoint's environment variables and GPU assignment, and is a worker in
-        milliseconds instead of the 100+ ms a fresh interpreter needs. Runpod's FlashBoot
-        plays the same role. ``FLASH_JUPYTER_SPARE_WORKERS=0`` turns it off.
+        At first one, of this interpreter and importing nothing more; then one per
+        environment that endpoints use (see the module's docstring). A cold start adopts
+        it: the spare applies the endpoint's environment variables and GPU assignment, and
+        is a worker in milliseconds instead of the 100+ ms a fresh interpreter needs, plus
+        its imports. Runpod's FlashBoot plays the same role.
+        ``FLASH_JUPYTER_SPARE_WORKERS=0`` turns spares off.
         """
         self._wire, self._token = wire, token
         self._quiet = quiet or (lambda: True)
         if prespawned is not None:  # a subprocess.Popen started before the loop existed
-            self._adopt_spare(prespawned, self.data_dir / "logs" / "spare.log")
+            spare = self._hold(PLAIN, sys.executable, (), ())
+            spare.nonce = getattr(prespawned, "_flash_nonce", "")
+            spare.proc = prespawned
+            prespawned._flash_watch = asyncio.ensure_future(
+                self._watch(prespawned, self.data_dir / "logs" / "spare.log")
+            )
+            self._as_spare(spare)
         elif self.spare_workers:
-            await self._spawn_spare()
+            await self._spawn_spare(self._hold(PLAIN, sys.executable, (), ()))
 
-    async def _spawn_spare(self) -> None:
-        self._spare_pending = None
-        if self._spare_proc is not None or self._closing:
-            return
-        nonce = secrets.token_hex(8)
-        spec = {"spare": True, "host": self._wire[0], "port": self._wire[1], "nonce": nonce}
-        credential = credentials.spare_credential(self._token, nonce)
+    def _hold(
+        self, env: str, python: str, modules: tuple[str, ...], paths: tuple[str, ...]
+    ) -> Spare:
+        """A spare for ``env`` is on its way: it holds a worker slot from now on."""
+        spare = Spare(env, python, modules, paths, ready=asyncio.Event())
+        self._spares[env] = spare
+        self.in_use += 1
+        self._waiting.pop(env, None)
+        return spare
+
+    async def _spawn_spare(self, spare: Spare) -> None:
+        spare.nonce = secrets.token_hex(8)
+        spec = {"spare": True, "host": self._wire[0], "port": self._wire[1],
+                "nonce": spare.nonce, "preload": list(spare.modules),
+                "paths": list(spare.paths)}  # fmt: skip
+        credential = credentials.spare_credential(self._token, spare.nonce)
         env = envvars.worker_env(dict(os.environ), json.dumps(spec), credential)
-        self._spare_ready = asyncio.Event()
-        proc = await self._exec(sys.executable, env, "spare")
-        proc._flash_nonce = nonce  # type: ignore[attr-defined]
-        self._spare_as_spare(proc)
+        log = "spare" if spare.env == PLAIN else f"spare-{spare.env}"
+        proc = await self._exec(spare.python, env, log)
+        spare.proc = proc
+        if self._spares.get(spare.env) is not spare or self._closing:
+            self.kill(proc)  # retired while its process was being made
+            return
+        self._as_spare(spare)
 
-    def _adopt_spare(self, proc: Any, log_path: Path) -> None:
-        self._spare_ready = asyncio.Event()
-        proc._flash_watch = asyncio.ensure_future(self._watch(proc, log_path))
-        self._spare_as_spare(proc)
-
-    def _spare_as_spare(self, proc: Any) -> None:
-        self._spare_proc = proc
-
+    def _as_spare(self, spare: Spare) -> None:
         def spare_exit(rc: int | None, reason: str) -> None:
-            if self._spare_proc is proc:
-                self._spare_proc = self._spare_conn = None
-                self._spare_ready.set()  # nobody waits for a dead spare
+            spare.ready.set()  # nobody waits for a dead spare
+            if self._spares.get(spare.env) is spare:
+                self._forget(spare)
 
-        proc._flash_on_exit = spare_exit  # type: ignore[attr-defined]
+        spare.proc._flash_on_exit = spare_exit  # type: ignore[attr-defined]
+
+    def _forget(self, spare: Spare) -> None:
+        """The spare is no longer kept (adopted, retired or dead); its slot is free."""
+        if self._spares.get(spare.env) is spare:
+            del self._spares[spare.env]
+        if spare.holds_slot:
+            spare.holds_slot = False
+            self.in_use = max(0, self.in_use - 1)
+
+    def _retire(self, spare: Spare, why: str) -> None:
+        self._forget(spare)
+        spare.ready.set()
+        if spare.proc is not None:
+            self.kill(spare.proc)
 
     def spare_ready(self, nonce: str, conn: Any) -> bool:
-        """The spare process connected; ``conn`` is how it will be told its endpoint."""
-        proc = self._spare_proc
-        if (
-            proc is not None
-            and self._spare_conn is None
-            and getattr(proc, "_flash_nonce", None) == nonce
-        ):
-            self._spare_conn = conn
-            self._spare_ready.set()
-            return True
+        """A spare process connected (its imports done); ``conn`` is how it will be told its
+        endpoint. What it imported comes with its hello (``conn.spare_report``)."""
+        for spare in self._spares.values():
+            if spare.nonce == nonce and spare.conn is None and spare.proc is not None:
+                report = getattr(conn, "spare_report", None) or {}
+                spare.preloaded = tuple(str(n) for n in report.get("preloaded") or ())
+                spare.failed = tuple(str(n) for n in report.get("failed") or ())
+                spare.cuda = bool(report.get("cuda"))
+                spare.conn, spare.ready_at = conn, time.time()
+                spare.ready.set()
+                return True
         return False
 
     def spare_lost(self, conn: Any) -> None:
-        if self._spare_conn is conn:
-            self._spare_conn = None
-            if self._spare_proc is not None:
-                self.kill(self._spare_proc)
+        for spare in list(self._spares.values()):
+            if spare.conn is conn:
+                self._retire(spare, "lost its connection")
 
     def close(self) -> None:
         self._closing = True
-        if self._spare_proc is not None:
-            self.kill(self._spare_proc)
+        for timer in self._pending.values():
+            timer.cancel()
+        self._pending.clear()
+        for spare in list(self._spares.values()):
+            self._retire(spare, "the control plane is stopping")
 
-    def _replenish_spare(self, waited: float = 0.0) -> None:
+    # -- which spares to keep
+    def _last_used(self, env: str) -> float:
+        use = self._envs.get(env)
+        return use.last_used if use is not None else 0.0
+
+    def _use(self, env: str, python: str, cfg: EndpointConfig) -> None:
+        use = self._envs.setdefault(env, EnvUse(python))
+        use.users[cfg.name] = cfg.preload
+        use.last_used = time.monotonic()
+
+    def _record_path(self, env: str, endpoint: str) -> Path:
+        return self.data_dir / "preload" / env / f"{endpoint}.json"
+
+    def _wanted(self, env: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """What the spare of ``env`` should import: what each endpoint using it imported
+        last time (its workers' record), and their ``preload`` settings; and the code
+        folders those imports came from."""
+        modules: set[str] = set()
+        paths: list[str] = []
+        use = self._envs.get(env)
+        for endpoint, setting in (use.users if use else {}).items():
+            modules.update(setting)
+            rec = _read_record(self._record_path(env, endpoint))
+            names = rec.get("modules") if isinstance(rec.get("modules"), list) else []
+            modules.update(n for n in names if isinstance(n, str) and MODULE_RE.match(n))
+            folders = rec.get("paths") if isinstance(rec.get("paths"), list) else []
+            paths.extend(p for p in folders if isinstance(p, str) and p not in paths)
+        return tuple(sorted(modules)), tuple(paths)
+
+    def _refresh(self, env: str) -> None:
+        """The environment's spare imports what its workers import now, or is replaced."""
+        if env not in self._envs or self._closing or not self.spare_workers:
+            return
+        spare = self._spares.get(env)
+        if spare is not None and (spare.modules, spare.paths) != self._wanted(env):
+            self._retire(spare, "its environment's workers import other modules now")
+            spare = None
+        if spare is None:
+            self._replenish(env)
+
+    def _room_for_spare(self, env: str) -> bool:
+        if self.in_use >= self.max_workers:
+            self._waiting[env] = (
+                f"the host is at capacity ({self.in_use} of {self.max_workers} worker slots)"
+            )
+            return False
+        if len(self._spares) >= self.spare_limit:
+            mine = self._last_used(env)
+            older = [sp for sp in self._spares.values() if self._last_used(sp.env) < mine]
+            if not older:
+                self._waiting[env] = f"FLASH_JUPYTER_SPARE_LIMIT={self.spare_limit} spares kept"
+                return False
+            self._retire(min(older, key=lambda sp: self._last_used(sp.env)), "spare limit")
+        return True
+
+    def _replenish(self, env: str, waited: float = 0.0) -> None:
         # Later, not now: a new interpreter would take CPU from the jobs running. Wait for
         # a quiet moment (no job dispatched lately), or SPARE_PATIENCE at most.
-        if not self.spare_workers or self._closing or self._spare_proc is not None:
+        if waited:
+            self._pending.pop(env, None)
+        if not self.spare_workers or self._closing or env in self._spares or env not in self._envs:
+            self._waiting.pop(env, None)
             return
         if waited >= SPARE_DELAY and (self._quiet() or waited >= SPARE_PATIENCE):
-            self._spare_pending = None
-            self._spare_task = asyncio.ensure_future(self._spawn_spare())
+            if self._room_for_spare(env):
+                modules, paths = self._wanted(env)
+                spare = self._hold(env, self._envs[env].python, modules, paths)
+                spare.task = asyncio.ensure_future(self._spawn_spare(spare))
             return
-        if self._spare_pending is None or waited:
+        if env not in self._pending:
+            self._waiting.setdefault(env, "starting in a quiet moment")
             loop = asyncio.get_running_loop()
-            self._spare_pending = loop.call_later(
-                SPARE_DELAY, self._replenish_spare, waited + SPARE_DELAY
+            self._pending[env] = loop.call_later(
+                SPARE_DELAY, self._replenish, env, waited + SPARE_DELAY
             )
+
+    async def _take_spare(self, env: str, allocation: Allocation) -> Spare | None:
+        """The environment's spare, once it is ready (waiting up to SPARE_WAIT for one on
+        its way: it will be ready before a fresh interpreter would be), or None."""
+        spare = self._spares.get(env)
+        if spare is None:
+            return None
+        if spare.conn is None:
+            try:
+                await asyncio.wait_for(spare.ready.wait(), SPARE_WAIT)
+            except asyncio.TimeoutError:
+                pass
+            if self._spares.get(env) is not spare or spare.conn is None:
+                if not spare.holds_slot and self._spares.get(env) is spare:
+                    self._retire(spare, "its slot went to a fresh worker")
+                return None
+        if spare.cuda and allocation.devices:
+            # Its devices were fixed when something it imported initialised CUDA.
+            self._retire(spare, "CUDA was initialised while preloading")
+            return None
+        return spare
 
     async def start(
         self, spec: WorkerSpec, on_exit: Callable[[int | None, str], Awaitable[None] | None]
@@ -239,6 +442,7 @@ class LocalProvider:
             "hardware": spec.allocation.hardware,
             "max_concurrency": cfg.max_concurrency,
             "spool": spec.spool,
+            "preload": list(cfg.preload),
         }
         user_env = dict(cfg.env)
         user_env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in spec.allocation.devices)
@@ -247,34 +451,59 @@ class LocalProvider:
         needs_env = bool(cfg.dependencies or cfg.system_dependencies) or any(
             k.startswith(("PYTHON", "LD_")) for k in cfg.env
         )
-        if not needs_env and self._spare_proc is not None and self._spare_conn is None:
-            # A spare is on its way (just after start-up): it will be ready before a fresh
-            # interpreter would be.
-            try:
-                await asyncio.wait_for(self._spare_ready.wait(), SPARE_WAIT)
-            except asyncio.TimeoutError:
-                pass
-        if not needs_env and self._spare_conn is not None:
-            proc, conn = self._spare_proc, self._spare_conn
-            self._spare_proc = self._spare_conn = None
-            self._spare_ready = asyncio.Event()
+        fresh_only = bool(cfg.system_dependencies) or any(
+            k.startswith(("PYTHON", "LD_")) for k in cfg.env
+        )
+        known = self._env_of.get(_deps_key(cfg))  # an environment built in this session
+        spare = None
+        if known is not None and not fresh_only and self.spare_workers:
+            self._use(known, self._envs[known].python if known in self._envs else
+                      sys.executable, cfg)  # fmt: skip
+            spare = await self._take_spare(known, spec.allocation)
+        if spare is not None:
+            proc, conn = spare.proc, spare.conn
+            self._forget(spare)  # its slot is the worker's allocation now
+            if known != PLAIN:  # its environment is built: the spare was started from it
+                spec.env_source = PRE_INSTALLED
+                mark_used(self.data_dir, known)  # `flash-jupyter envs`: its last use
+            spec.phase("process")
+            spec.spare = "preloaded" if spare.preloaded else "plain"
             proc._flash_on_exit = on_exit  # type: ignore[attr-defined]
+            proc._flash_env = known  # type: ignore[attr-defined]
+            worker.update(self._record_spec(known, cfg.name))
             conn.assigned = (spec.worker_id, spec.incarnation)
             conn.send({"op": "assign", "env": user_env, "spec": worker})
-            self._replenish_spare()
+            self._refresh(known)
             return proc
+        lent = self._spares.get(known) if known is not None else None
+        if lent is not None and not lent.holds_slot:
+            self._retire(lent, "its slot went to a fresh worker")  # allocate() lent it
         python = sys.executable
         if needs_env:
             spec.phase("environment")
-            python = await asyncio.get_running_loop().run_in_executor(
-                None, ensure_environment, self.data_dir, cfg.dependencies, cfg.system_dependencies
-            )
+            built = await asyncio.get_running_loop().run_in_executor(
+                None, prepare, self.data_dir, cfg.dependencies, cfg.system_dependencies,
+                (cfg.name,),
+            )  # fmt: skip
+            python, spec.env_source = built.python, built.source
         spec.phase("process")
+        env_name = PLAIN if python == sys.executable else Path(python).parent.parent.name
+        self._env_of[_deps_key(cfg)] = env_name
+        self._use(env_name, python, cfg)
+        worker.update(self._record_spec(env_name, cfg.name))
         env = envvars.worker_env({**os.environ, **user_env}, json.dumps(worker), spec.credential)
         proc = await self._exec(python, env, spec.worker_id)
         proc._flash_on_exit = on_exit  # type: ignore[attr-defined]
-        self._replenish_spare()
+        proc._flash_env = env_name  # type: ignore[attr-defined]
+        self._refresh(env_name)
         return proc
+
+    def _record_spec(self, env: str, endpoint: str) -> dict[str, Any]:
+        """What a worker needs to keep its import record: where it goes, and the folders the
+        modules came from last time (its ``preload`` setting may name modules there)."""
+        path = self._record_path(env, endpoint)
+        folders = _read_record(path).get("paths")
+        return {"imports": str(path), "paths": folders if isinstance(folders, list) else []}
 
     async def _exec(self, python: str, env: dict[str, str], log_name: str) -> Any:
         env.pop("FLASH_JUPYTER_URL", None)
@@ -298,8 +527,7 @@ class LocalProvider:
         proc._flash_watch = asyncio.ensure_future(self._watch(proc, log_path))
         return proc
 
-    @staticmethod
-    async def _watch(proc: Any, log_path: Path) -> None:
+    async def _watch(self, proc: Any, log_path: Path) -> None:
         """Wait for a worker process to end; tell whoever owns it now why."""
         if asyncio.iscoroutinefunction(proc.wait):
             rc = await proc.wait()
@@ -321,6 +549,9 @@ class LocalProvider:
             r = cb(rc, reason)
             if asyncio.iscoroutine(r):
                 await r
+        env = getattr(proc, "_flash_env", None)
+        if env is not None:  # a worker: its record may have changed what the spare imports
+            self._refresh(env)
 
     def stop(self, handle: Any) -> None:
         try:
@@ -346,5 +577,16 @@ class LocalProvider:
                 {"index": i, "name": n, "type": hw.name if hw else None} for i, n, hw in self.gpus
             ],
             "strict_gpu": self.strict_gpu,
-            "spare_worker": self._spare_conn is not None,
+            "spare_worker": any(sp.conn is not None for sp in self._spares.values()),
+            "spare_limit": self.spare_limit if self.spare_workers else 0,
+            # Spares hold worker slots (in_use counts them) and are billed to nobody.
+            "spares": [sp.view() for sp in self._spares.values()] + self._waiting_views(),
         }
+
+    def _waiting_views(self) -> list[dict[str, Any]]:
+        return [
+            {"environment": env, "state": f"waiting: {why}", "preload": [], "preloaded": [],
+             "billed": False}
+            for env, why in self._waiting.items()
+            if env not in self._spares
+        ]  # fmt: skip

@@ -202,7 +202,9 @@ class ControlPlane(Views, SpoolKeeper):
         now = self.wall()
         ep = self.endpoints.get(cfg.name)
         dropped = False  # a class now serves the name: no older function answers HTTP for it
-        if ep is not None and serves == "class" and ep.handler is not None and not handler:
+        # (a class deployed with its HTTP handler, `flash-jupyter deploy`, keeps it)
+        if (ep is not None and serves == "class" and ep.serves != "class"
+                and ep.handler is not None and not handler):  # fmt: skip
             ep.handler, dropped = None, True
         if ep is None:
             ep = m.EndpointState(cfg, handler, now, now)
@@ -614,14 +616,16 @@ def _no_handler(name: str, serves: str | None) -> str:
     """Why an endpoint cannot take an HTTP job, and what to do instead."""
     if serves == "class":
         return (
-            f"endpoint {name!r} serves a class, which cannot be called over HTTP yet: call "
-            f"its methods from Python (obj = Cls(...); obj.method(...)), or deploy a function "
-            f"endpoint that calls them"
+            f"endpoint {name!r} serves a class, deployed from Python without an HTTP handler: "
+            f"call its methods from Python (obj = Cls(...); obj.method(...)), or deploy its "
+            f"file with `flash-jupyter deploy FILE`, after which its methods answer HTTP "
+            f'({{"input": {{"method": ..., "args": {{...}}}}}})'
         )
     if serves == "cells":
         return (
-            f"endpoint {name!r} runs %%flash cells, which cannot be called over HTTP: "
-            f"decorate a function with @Endpoint(name=...) and call its .deploy() to serve it"
+            f"endpoint {name!r} runs %%flash cells, which answer HTTP once their notebook is "
+            f"deployed (`flash-jupyter deploy NOTEBOOK.ipynb`: the input becomes the cells' "
+            f"variables); or decorate a function with @Endpoint(name=...) and call its .deploy()"
         )
     return (
         f"endpoint {name!r} has no handler yet: deploy its function from Python once "

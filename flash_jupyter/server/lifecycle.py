@@ -78,6 +78,8 @@ class Lifecycle:
         # The provider says when it moves on (WorkerSpec.on_phase); until then, a worker
         # with dependencies is building its environment, any other is starting its process.
         w.phase_ms = {}
+        w.env_source = None
+        w.spare = None
         w.phase = "environment" if cfg.dependencies or cfg.system_dependencies else "process"
         w.phase_since = w.start_signal
         cp._publish_worker(w)
@@ -86,6 +88,8 @@ class Lifecycle:
         inc = w.incarnation
 
         def on_phase(phase: str) -> None:
+            if w.incarnation == inc and spec.env_source is not None:
+                w.env_source = spec.env_source  # the environment is ready: which way
             if w.incarnation == inc and w.live and w.conn is None and phase != w.phase:
                 self.set_phase(ep, w, phase)
 
@@ -139,6 +143,7 @@ class Lifecycle:
             return
         w.handle = handle
         w.pid = cp.provider.pid(handle)
+        w.spare = spec.spare  # the provider adopted a spare process ("preloaded", "plain")
         if w.stopping:
             cp.provider.stop(handle)
 

@@ -62,6 +62,8 @@ class Job:
     # Cold start phases of the worker it waited for (ms; the worker's dict, filled as the
     # phases end: "environment", "process", then "code" once the job's code is loaded).
     cold_phases: dict[str, float] | None = None
+    env_source: str | None = None  # its worker's environment: "pre-installed" or not (cold)
+    spare: str | None = None  # its worker came from a spare: "preloaded", "plain" (cold)
     progress: bool = False  # its caller asked for progress frames
     progress_last: tuple | None = None  # the last progress frame sent (status, phase, worker)
 
@@ -116,6 +118,10 @@ class Worker:
     phase: str | None = None
     phase_since: float = 0.0
     phase_ms: dict[str, float] = field(default_factory=dict)
+    # Its dependency environment: "pre-installed", "installed at request time", or None.
+    env_source: str | None = None
+    # Its process was a spare: "preloaded" (imports done), "plain", or None (a fresh one).
+    spare: str | None = None
 
     @property
     def live(self) -> bool:

@@ -305,6 +305,8 @@ class Scheduler:
             w.fns.add(job.fn)
         if job.cold:  # its first job: the worker now loads its code (until "started")
             job.cold_phases = w.phase_ms
+            job.env_source = w.env_source
+            job.spare = w.spare
             cp.lifecycle.set_phase(ep, w, "code", queued=False)
         elif len(w.jobs) == 1:
             cp._publish_worker(w)  # idle -> busy

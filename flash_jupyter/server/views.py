@@ -66,6 +66,10 @@ class Views:
             if job.cold and job.cold_phases is not None:
                 ph = job.cold_phases
                 d["coldStartPhases"] = {k: round(ph.get(k, 0.0)) for k in PHASES}
+                # "pre-installed" | "installed at request time" | None (no dependencies)
+                d["environment"] = job.env_source
+                # "preloaded" | "plain": a spare process was adopted; None: a fresh one
+                d["spare"] = job.spare
         return d
 
     def health(self, name: str) -> dict[str, Any]:
@@ -113,6 +117,10 @@ class Views:
             # The cold start's phase (environment, process, code) or None; the countdown to
             # the scale-down of an idle worker above what the endpoint wants (None: it stays).
             "phase": w.phase if w.live else None,
+            # Its dependency environment: "pre-installed", "installed at request time", None.
+            "env_source": w.env_source if w.live else None,
+            # Its process was a spare: "preloaded", "plain"; None: a fresh process.
+            "spare": w.spare if w.live else None,
             "scale_down_in_s": _round(self.scheduler.scale_down_in(ep, w)),
             "idle_timeout": ep.config.idle_timeout,
             **self.ledger.worker_bill(w, ep, now),

@@ -159,6 +159,8 @@ class Connection:
                 self._refuse()
                 return
             self.proto.accept()
+            # What it imported before connecting (the provider shows it): no credential.
+            self.spare_report = {k: meta.get(k) for k in ("preloaded", "failed", "cuda")}
             ready = getattr(self.cp.provider, "spare_ready", None)
             if ready is None or not ready(nonce, self):
                 self.send({"op": "exit"})

@@ -120,15 +120,9 @@ class Cells:
                 raise errors.RemoteStateLost(
                     f"{', '.join(missing)} not found on this worker (it was restarted)", missing
                 )
-            filename = opts.get("filename") or "<flash-cell>"
-            tree = ast.parse(code, filename)
-            last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
-            exec(compile(tree, filename, "exec"), ns)
-            value = None
-            if last is not None:
-                value = eval(compile(ast.Expression(last.value), filename, "eval"), ns)
+            has_value, value = exec_cell(code, opts.get("filename") or "<flash-cell>", ns)
             flush_figures()
-            return self._collect(s, value, last is not None, opts)
+            return self._collect(s, value, has_value, opts)
         finally:
             # Inputs the cell did not bind again are the notebook's values: copies.
             for n, v in inputs.items():
@@ -601,3 +595,15 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
 
         loader.exec_module = exec_module  # type: ignore[method-assign]
         return spec
+
+
+def exec_cell(code: str, filename: str, ns: dict[str, Any]) -> tuple[bool, Any]:
+    """Run a cell's code in ``ns`` as a notebook does: ``(True, value)`` when it ends with an
+    expression (that expression's value), else ``(False, None)``. Shared by ``%%flash`` cells
+    and deployed cell handlers (``app/handlers.py``)."""
+    tree = ast.parse(code, filename)
+    last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+    exec(compile(tree, filename, "exec"), ns)
+    if last is None:
+        return False, None
+    return True, eval(compile(ast.Expression(last.value), filename, "eval"), ns)

@@ -4,10 +4,18 @@ A reader thread receives frames (jobs, cancels, exit) while the main thread runs
 a cancel lands while a job is busy: it arrives as SIGINT, which interrupts ``time.sleep``
 and pure-Python loops alike. Results of back-to-back tiny jobs are sent together.
 The worker never imports the server: it speaks the wire and nothing else.
+
+A spare (a worker process started before any endpoint needs it) imports what its
+environment's workers imported last time (``preload``) before it says hello, so a cold start
+that adopts it skips those imports. Modules that drive GPUs (torch, jax, tensorflow) are
+only imported there, never initialised: torch, for one, reads ``CUDA_VISIBLE_DEVICES`` at
+its first CUDA call, not at import, and the spare is given that variable when it is assigned.
 """
 
 from __future__ import annotations
 
+import builtins
+import importlib
 import json
 import os
 import queue
@@ -30,6 +38,110 @@ FN_CACHE = 256
 
 class Cancelled(BaseException):
     pass
+
+
+_HOOK_CODES: set[Any] = set()  # ImportLog's __import__ wrapper: not the user's frame
+
+
+def _hide_import_hook(exc: BaseException | None, depth: int = 0) -> None:
+    """Take ImportLog's wrapper out of an exception's traceback (and of those it chains to),
+    so a failed ``import`` reads as it does without flash-jupyter."""
+    if exc is None or not _HOOK_CODES or depth > 8:
+        return
+    tb, prev = exc.__traceback__, None
+    while tb is not None:
+        if tb.tb_frame.f_code in _HOOK_CODES:
+            if prev is None:
+                exc.__traceback__ = tb.tb_next
+            else:
+                prev.tb_next = tb.tb_next
+        else:
+            prev = tb
+        tb = tb.tb_next
+    _hide_import_hook(exc.__cause__ or exc.__context__, depth + 1)
+
+
+class ImportLog:
+    """The top-level modules this worker's jobs import, written to ``path`` (JSON) when the
+    set grows, after the job's result is sent. The next spare of the environment imports
+    them (``preload``). Known through ``builtins.__import__`` (every ``import`` statement and
+    unpickling go through it): modules a job imports that a spare had already loaded count
+    too, so the list follows what the code imports now and forgets what it stopped using;
+    and from ``sys.modules`` for what ``importlib.import_module`` loads.
+    The standard library, flash-jupyter and what the worker itself loaded are left out."""
+
+    def __init__(self, path: str, baseline: set[str]):
+        self.path = path
+        skip = {n.partition(".")[0] for n in baseline}
+        skip.update(sys.stdlib_module_names, ("flash_jupyter", "__main__", "__mp_main__"))
+        self.skip = skip
+        self.seen: set[str] = set()
+        self.written: set[str] = set()
+        self.loaded = set(sys.modules)  # ... and what importlib.import_module loads anew
+        self.n_loaded = len(self.loaded)
+        original = builtins.__import__
+
+        def recording_import(name, globals=None, locals=None, fromlist=(), level=0):
+            module = original(name, globals, locals, fromlist, level)
+            if level == 0:
+                self.seen.add(name.partition(".")[0])
+            return module
+
+        builtins.__import__ = recording_import
+        _HOOK_CODES.add(recording_import.__code__)
+
+    def note(self, paths: list[str]) -> None:
+        """Write the list if it grew (cheap when it did not: two length comparisons)."""
+        if len(sys.modules) != self.n_loaded:  # loaded without ``import`` (importlib)
+            now = list(sys.modules)
+            self.seen.update(n.partition(".")[0] for n in now if n not in self.loaded)
+            self.loaded.update(now)
+            self.n_loaded = len(sys.modules)
+        if len(self.seen) == len(self.written) or not self.path:
+            return
+        seen = set(self.seen)  # one C-level copy: job threads may be adding to it
+        self.written = seen
+        names = {n for n in seen if n not in self.skip and not n.startswith("_")}
+        names = {n for n in names if n in sys.modules}  # imports that failed do not count
+        if not names:
+            return
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            tmp = f"{self.path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                json.dump({"modules": sorted(names), "paths": paths, "time": time.time()}, f)
+            os.replace(tmp, self.path)
+        except OSError:
+            pass  # a spare without a preload list is still a spare
+
+
+def preload(names: list[str], paths: list[str] = ()) -> tuple[list[str], list[str]]:
+    """Import ``names`` (after adding ``paths`` to sys.path); return (imported, failed). A
+    module that fails is reported in the worker's log, not raised: the job imports it again
+    and shows the error where it belongs."""
+    for p in paths:
+        if p not in sys.path:
+            sys.path.append(p)  # after installed packages, as jobs add them
+    done, failed = [], []
+    for name in names:
+        try:
+            importlib.import_module(name)
+            done.append(name)
+        except (Exception, SystemExit) as e:
+            failed.append(name)
+            print(f"flash-jupyter worker: preloading {name} failed: {type(e).__name__}: {e}",
+                  file=sys.stderr, flush=True)  # fmt: skip
+    return done, failed
+
+
+def _cuda_initialized() -> bool:
+    """Whether something preloaded already initialised CUDA (then this process's devices
+    are fixed, and it must not become a worker given other ones)."""
+    torch = sys.modules.get("torch")
+    try:
+        return bool(torch is not None and torch.cuda.is_initialized())
+    except Exception:
+        return False
 
 
 class Worker:
@@ -57,6 +169,7 @@ class Worker:
         self.capture = OutputCapture(self._send_output)
         self.fds: FdCapture | None = None
         self.loop: Any = None  # an asyncio loop, made for the first async job
+        self.imports: ImportLog | None = None
         conc = int(spec.get("max_concurrency") or 1)
         self.pool = None
         if conc > 1:
@@ -166,6 +279,9 @@ class Worker:
     def _run_one_threaded(self, meta: dict[str, Any], bufs: list[Any]) -> None:
         out_meta, out_bufs = self._execute(meta, bufs)
         self.conn.send(out_meta, out_bufs)
+        if self.imports is not None:
+            with self.lock:
+                self.imports.note(sorted(self._paths()))
 
     def _run_one(self, meta: dict[str, Any], bufs: list[Any]) -> None:
         jid = meta["id"]
@@ -187,6 +303,8 @@ class Worker:
                 self.cancelled.discard(jid)
         more = not self.inbox.empty()
         self._queue_done(out_meta, out_bufs, flush=not more)
+        if not more and self.imports is not None:
+            self.imports.note(sorted(self._paths()))
 
     # -- execution
     def _publish_display(
@@ -257,6 +375,7 @@ class Worker:
         except KeyboardInterrupt:
             raise Cancelled() from None
         except BaseException as e:
+            _hide_import_hook(e)
             info = wire.capture_exception(e, skip_frames=_own_frames(e))
             if isinstance(e, VersionMismatch):
                 info["frames"], info["traceback"] = [], f"VersionMismatch: {e}\n"
@@ -271,6 +390,9 @@ class Worker:
         worker's cold start ("code" phase) there. Once per process, never for warm jobs."""
         self.code_loaded = True
         self.conn.send({"op": "started", "id": jid})
+
+    def _paths(self) -> set[str]:
+        return {p for key in self._paths_seen for p in key}
 
     def _add_paths(self, paths: list[str]) -> None:
         key = tuple(paths)
@@ -334,16 +456,20 @@ def _own_frames(e: BaseException) -> int:
 
 
 def main() -> None:
+    baseline = set(sys.modules)  # before any preload: what every worker has anyway
     raw = envvars.take("FLASH_JUPYTER_WORKER")
     if raw is None:
         raise SystemExit("flash-jupyter worker: FLASH_JUPYTER_WORKER is not set (the control "
                          "plane starts workers)")  # fmt: skip
     spec = json.loads(raw)
     token = envvars.take("FLASH_JUPYTER_WORKER_TOKEN") or ""
-    conn = SyncConnection.open(spec["host"], int(spec["port"]))
     if spec.get("spare"):
-        # A spare: connected and imported, waiting to be given an endpoint.
-        conn.send({"role": "spare", "token": token, "nonce": spec.get("nonce"), "pid": os.getpid()},
+        # A spare: imports done first (what its environment's workers imported last time),
+        # then connected, waiting to be given an endpoint.
+        done, failed = preload(spec.get("preload") or [], spec.get("paths") or [])
+        conn = SyncConnection.open(spec["host"], int(spec["port"]))
+        conn.send({"role": "spare", "token": token, "nonce": spec.get("nonce"), "pid": os.getpid(),
+                   "preloaded": done, "failed": failed, "cuda": _cuda_initialized()},
                   hello=True)  # fmt: skip
         try:
             meta, _ = conn.recv()
@@ -353,13 +479,19 @@ def main() -> None:
             os._exit(0)
         os.environ.update(meta["env"])
         spec = meta["spec"]
+        preload(spec.get("preload") or [], spec.get("paths") or [])  # its preload= setting
         conn.send({"op": "worker_hello", "id": spec["id"], "incarnation": spec["incarnation"],
                    "pid": os.getpid()})  # fmt: skip
     else:
+        preload(spec.get("preload") or [], spec.get("paths") or [])
+        conn = SyncConnection.open(spec["host"], int(spec["port"]))
         conn.send(
             {"role": "worker", "token": token, "id": spec["id"],
              "incarnation": spec["incarnation"], "pid": os.getpid(), "stamp": wire.stamp(),
              "time": time.time()},
             hello=True,
         )  # fmt: skip
-    Worker(conn, spec).run()
+    worker = Worker(conn, spec)
+    if spec.get("imports"):
+        worker.imports = ImportLog(spec["imports"], baseline)
+    worker.run()

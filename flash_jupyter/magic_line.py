@@ -1,12 +1,14 @@
 """A ``%%flash`` cell's first line, read as the magic reads it, without IPython.
 
-The Jupyter server may run without IPython, so the line is split as IPython's
-``arg_split`` splits it (``shlex``, non-POSIX, no comments) and parsed by an ``argparse``
-parser with the magic's options (``jupyter/magics.py``: ``FlashMagics.flash_cell``; a test
-keeps the two equal). The settings then follow the magic's own rules, from ``config``:
-``settings_from_tokens`` with the magic's ``limit``, ``default_endpoint_name`` when no
-``name=`` is given, ``EndpointConfig.build`` to check them. What the server cannot know is
-the kernel's ``%flash config`` defaults: only the line counts here.
+Used where IPython may be missing: the Jupyter server's prewarm (``labserver``) and
+``flash-jupyter build``/``deploy`` reading a notebook (``app/discover.py``). The line is
+split as IPython's ``arg_split`` splits it (``shlex``, non-POSIX, no comments) and parsed by
+an ``argparse`` parser with the magic's options (``jupyter/magics.py``:
+``FlashMagics.flash_cell``; a test keeps the two equal). The settings then follow the magic's
+own rules, from ``config``: ``settings_from_tokens`` with the magic's ``limit``,
+``default_endpoint_name`` when no ``name=`` is given, ``EndpointConfig.build`` to check them.
+The kernel's ``%flash config`` defaults are not in the line: only ``discover``, which reads
+the whole notebook, applies them.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import re
 import shlex
 from typing import Any
 
-from ..config import EndpointConfig, Setting, default_endpoint_name, settings_from_tokens
-from ..errors import ConfigError
+from .config import EndpointConfig, Setting, default_endpoint_name, settings_from_tokens
+from .errors import ConfigError
 
 # The magic's own `limit=` (jupyter/magics.py LIMIT): read, then left out of the settings.
 LIMIT = Setting("limit", None, "int", "bytes: values bigger than this stay on the worker",
