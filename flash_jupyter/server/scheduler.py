@@ -58,12 +58,11 @@ class Scheduler:
             self.reconcile(ep)
 
     def _timeout(self, job: m.Job, w: m.Worker, ep: m.EndpointState) -> None:
-        limit = ep.config.execution_timeout
-        self.cp._finish(
-            job,
-            m.TIMED_OUT,
-            error={"message": f"execution_timeout of {limit:g} s exceeded; worker recycled"},
-        )
+        if job.timeout:  # the request's policy.executionTimeout
+            what = f"policy.executionTimeout of {job.timeout * 1000:.0f} ms"
+        else:
+            what = f"execution_timeout of {ep.config.execution_timeout:g} s"
+        self.cp._finish(job, m.TIMED_OUT, error={"message": f"{what} exceeded; worker recycled"})
         self.cp.lifecycle.stop(w, f"job {job.id} timed out", kill=True, requeue=True)
 
     # ------------------------------------------------------------------ scaling
@@ -286,8 +285,9 @@ class Scheduler:
         job.cold = w.jobs_run == 0 and w.ready_at is not None and job.created < w.ready_at
         job.cold_start_ms = w.cold_start_ms if job.cold else None
         now = cp.clock()
-        if ep.config.execution_timeout:
-            job.deadline = now + ep.config.execution_timeout
+        limit = job.timeout or ep.config.execution_timeout  # a request's policy first
+        if limit:
+            job.deadline = now + limit
         w.jobs_run += 1
         job.run_index = w.jobs_run
         w.jobs.add(job.id)
