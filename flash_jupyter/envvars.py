@@ -83,6 +83,17 @@ VARS: tuple[Var, ...] = (
         "most spare worker processes at once (at most one per dependency environment, each "
         "counting against `FLASH_JUPYTER_MAX_WORKERS`; see "
         "[spares and preload](#spare-workers-and-preload))", minimum=1),
+    Var("FLASH_JUPYTER_PROVIDER", TEXT, "local", "`serve`, and control planes clients start",
+        "`local`", "where workers run: `local` (processes on this machine) or `ray` (actors on "
+        "a Ray cluster's nodes; see [the Ray provider](#the-ray-provider)). `serve --provider` "
+        "overrides it."),
+    Var("RAY_ADDRESS", TEXT, None, "`serve` with the Ray provider (and Ray itself)", "`auto`",
+        "the Ray cluster to place workers on: `auto` (the cluster this machine belongs to), "
+        "`HOST:6379`, or `ray://HOST:10001` (Ray Client). `serve --ray-address` overrides it."),
+    Var("FLASH_JUPYTER_ADVERTISE_HOST", TEXT, None, "`serve` with the Ray provider",
+        "`--host`, or this node's IP (`ray.util.get_node_ip_address()`) when `--host` is "
+        "`0.0.0.0`", "the address workers on other machines connect back to (the wire port "
+        "and the HTTP port listen on `--host`). `serve --advertise-host` overrides it."),
     Var("FLASH_JUPYTER_MAX_RETRIES", INT, 2, "control plane", "`2`",
         "times a job is re-run after its worker dies under it, before it fails", minimum=0),
     Var("FLASH_JUPYTER_MAX_BODY_BYTES", INT, None, "control plane",

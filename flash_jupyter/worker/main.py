@@ -31,6 +31,7 @@ from .. import envvars, shm, wire
 from ..errors import VersionMismatch
 from ..protocol import SyncConnection
 from .capture import FdCapture, OutputCapture
+from .gpu_memory import note as note_gpu_memory
 
 BATCH_MAX = 64
 FN_CACHE = 256
@@ -278,7 +279,7 @@ class Worker:
 
     def _run_one_threaded(self, meta: dict[str, Any], bufs: list[Any]) -> None:
         out_meta, out_bufs = self._execute(meta, bufs)
-        self.conn.send(out_meta, out_bufs)
+        self.conn.send(note_gpu_memory(out_meta), out_bufs)
         if self.imports is not None:
             with self.lock:
                 self.imports.note(sorted(self._paths()))
@@ -302,7 +303,7 @@ class Worker:
                 self.current = None
                 self.cancelled.discard(jid)
         more = not self.inbox.empty()
-        self._queue_done(out_meta, out_bufs, flush=not more)
+        self._queue_done(note_gpu_memory(out_meta), out_bufs, flush=not more)
         if not more and self.imports is not None:
             self.imports.note(sorted(self._paths()))
 
