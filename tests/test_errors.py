@@ -192,11 +192,17 @@ def test_interrupting_the_wait_cancels_the_remote_job(client, name):
 
     long.deploy()
     job = long.submit()
-    # What a kernel interrupt (the stop button) does: SIGINT to this process.
-    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
-    t = time.monotonic()
-    with pytest.raises(KeyboardInterrupt) as ei:
-        job.result(timeout=20)
+    # What a kernel interrupt (the stop button) does: SIGINT to this process. Python's own
+    # handler, whatever this run inherited (a shell running pytest in the background without
+    # job control makes it SIG_IGN, and then the signal would never arrive).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+        t = time.monotonic()
+        with pytest.raises(KeyboardInterrupt) as ei:
+            job.result(timeout=20)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert time.monotonic() - t < 5
     assert job.status() == "CANCELLED"
     # It says what happened, and where.
