@@ -170,7 +170,7 @@ def _run(a: argparse.Namespace) -> int:
         if a.json:
             print(json.dumps(eps, indent=2))
         else:
-            spares = None if a.name else c._call("GET", "/v1/info")["provider"].get("spares")
+            spares = None if a.name else c.spares()
             print(format_status(eps, None if a.name else c.billing(), spares))
     elif a.cmd == "logs":
         for e in c.logs(a.name, a.tail):
