@@ -76,7 +76,9 @@ VARS: tuple[Var, ...] = (
         "`Throttled`.", minimum=1),
     Var("FLASH_JUPYTER_STRICT_GPU", FLAG, False, "control plane", "off",
         "any value but empty or `0`: refuse to emulate a GPU the host does not have (see "
-        "[GPU placement](#gpu-placement-and-emulation))"),
+        "[GPU placement](#gpu-placement-and-emulation)). With the Ray provider: refuse a GPU "
+        "type no node of the cluster has, instead of waiting `Throttled` for one to join, and "
+        "fail a worker placed on a node whose driver does not name its GPUs"),
     Var("FLASH_JUPYTER_SPARE_WORKERS", FLAG, True, "control plane", "`1`",
         "`0` (or empty): do not keep a spare worker process ready for fast cold starts"),
     Var("FLASH_JUPYTER_SPARE_LIMIT", INT, 4, "control plane", "`4`",
@@ -94,6 +96,10 @@ VARS: tuple[Var, ...] = (
         "`--host`, or this node's IP (`ray.util.get_node_ip_address()`) when `--host` is "
         "`0.0.0.0`", "the address workers on other machines connect back to (the wire port "
         "and the HTTP port listen on `--host`). `serve --advertise-host` overrides it."),
+    Var("FLASH_JUPYTER_RAY_POLL", FLOAT, 0.5, "`serve` with the Ray provider", "`0.5`",
+        "seconds between two reads of the Ray cluster's free resources per node (placement "
+        "decides from the last read; a node that joins is used within this time)",
+        minimum=0.05),
     Var("FLASH_JUPYTER_MAX_RETRIES", INT, 2, "control plane", "`2`",
         "times a job is re-run after its worker dies under it, before it fails", minimum=0),
     Var("FLASH_JUPYTER_MAX_BODY_BYTES", INT, None, "control plane",

@@ -225,3 +225,148 @@ def test_ray_is_not_imported_by_the_local_control_plane():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ}, check=True).stdout  # fmt: skip
     assert out.strip() == "False"
+
+
+# ---------------------------------------------------------------- autoscaling, pending, strict
+
+
+def autoscaler_request(c: Cluster) -> list[dict]:
+    """The resource request Ray's autoscaler holds now (``request_resources``), as bundles."""
+    if not ray.is_initialized():
+        ray.init(address=c.address, log_to_driver=False)
+    from ray.autoscaler.v2.utils import is_autoscaler_v2
+
+    if is_autoscaler_v2(fetch_from_server=True):
+        from ray._private.worker import global_worker
+        from ray.autoscaler.v2.sdk import get_cluster_resource_state
+
+        state = get_cluster_resource_state(global_worker.gcs_client)
+        out = []
+        for constraint in state.cluster_resource_constraints:
+            for req in constraint.resource_requests:
+                out += [dict(req.request.resources_bundle)] * req.count
+        return out
+    import json
+
+    from ray.autoscaler._private.constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL)
+    return json.loads(raw) if raw else []
+
+
+def test_a_throttled_worker_asks_the_autoscaler_for_a_node(rc, cluster, name):
+    c, _ = cluster
+    job = Endpoint(name=name, gpu="H200", gpu_count=2, idle_timeout=30)(where).submit()
+    want = {"CPU": 1.0, "GPU": 2.0, "accelerator_type:H200": 0.001}
+
+    def asked() -> bool:
+        return want in autoscaler_request(c)
+
+    wait_for(asked, timeout=30, what="an autoscaler request for two H200s")
+    assert want in provider(rc)["autoscaler_request"]
+    assert [w["state"] for w in rc.endpoint(name)["workers"]] == ["Throttled"]
+    job.cancel()
+    rc.stop(name)
+    wait_for(lambda: autoscaler_request(c) == [], timeout=30,
+             what="the request cleared once nothing waits")  # fmt: skip
+    assert provider(rc)["autoscaler_request"] == []
+
+
+@pytest.fixture
+def stale_server(cluster, tmp_path) -> Iterator[Server]:
+    """A control plane that reads the cluster's free resources once, at start: what it
+    believes free may have been taken since."""
+    c, _ = cluster
+    s = make_server(tmp_path / "cp", FLASH_JUPYTER_PROVIDER="ray", RAY_ADDRESS=c.address,
+                    FLASH_JUPYTER_RAY_POLL="3600").start(timeout=90)  # fmt: skip
+    yield s
+    s.stop()
+
+
+def test_a_placement_taken_by_another_user_waits_throttled_unbilled(
+    stale_server, cluster, name, monkeypatch
+):
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    c, nodes = cluster
+    rc = use_server(stale_server, monkeypatch)
+    if not ray.is_initialized():
+        ray.init(address=c.address, log_to_driver=False)
+    # Another user of the cluster takes the L4 after the control plane looked.
+    theirs = placement_group([{"GPU": 1, "accelerator_type:L4": 0.001}])
+    ray.get(theirs.ready(), timeout=60)
+    try:
+        job = Endpoint(name=name, gpu="L4", idle_timeout=30)(where).submit()
+
+        def pending() -> bool:
+            return any(w["state"] == "Throttled" and "grant" in (w.get("reason") or "")
+                       for w in rc.endpoint(name)["workers"])  # fmt: skip
+
+        wait_for(pending, timeout=60, what="the L4 worker to wait for its placement")
+        assert rc.billing()["endpoints"].get(name, {}).get("cost", 0) == 0
+        assert job.status() == "IN_QUEUE"
+    finally:
+        remove_placement_group(theirs)
+    devices, _ = job.result(timeout=60)  # granted once they let go
+    assert devices == "0"
+    [w] = running(rc, name)
+    assert placed(rc, w["id"])["node_id"] == nodes["L4"]
+    rc.stop(name)
+    fj_client.reset_client()
+
+
+def test_strict_mode_refuses_a_type_no_node_has_and_never_emulates(cluster, tmp_path, name,
+                                                                    monkeypatch):  # fmt: skip
+    from flash_jupyter.errors import FlashError
+
+    c, _ = cluster
+    s = make_server(tmp_path / "cp", FLASH_JUPYTER_PROVIDER="ray", RAY_ADDRESS=c.address,
+                    FLASH_JUPYTER_STRICT_GPU="1").start(timeout=90)  # fmt: skip
+    try:
+        rc = use_server(s, monkeypatch)
+        with pytest.raises(FlashError, match="H200") as e:
+            Endpoint(name=f"{name}-h200", gpu="H200", idle_timeout=30)(where).submit()
+        assert "A100" in str(e.value) and "STRICT_GPU" in str(e.value)
+        assert f"{name}-h200" not in [v["name"] for v in rc.endpoints()]  # nothing recorded
+        # The A100 node has GPU resources but no driver names them: not run emulated.
+        job = Endpoint(name=f"{name}-a100", gpu="A100", idle_timeout=30)(where).submit()
+
+        def refused() -> bool:
+            ws = rc.endpoint(f"{name}-a100")["workers"]
+            return any("no NVIDIA driver" in (w.get("reason") or "") for w in ws)
+
+        wait_for(refused, timeout=60, what="the emulated start refused")
+        assert job.status() in ("IN_QUEUE", "FAILED")
+        rc.stop(f"{name}-a100")
+    finally:
+        fj_client.reset_client()
+        s.stop()
+
+
+def big_echo(data):
+    return data.nbytes, data[::-1].copy()
+
+
+def test_a_worker_that_does_not_share_the_spool_gets_buffers_inline(ray_server, rc, name):
+    """As on another machine (or a pod with its own /dev/shm): the actor cannot read the
+    marker the control plane left in its spool, so the worker gets no spool; 4 MiB each way
+    must travel inline (a worker without the spool refuses a spool file)."""
+    import pathlib
+
+    Endpoint(name=f"{name}-warm", idle_timeout=30)(where)()  # the marker exists once a worker has
+    rc.stop(f"{name}-warm")
+    marker = pathlib.Path(rc._call("GET", "/v1/info")["spool"]) / ".flash-host"
+    nonce = marker.read_text()
+    marker.unlink()
+    try:
+        import numpy as np
+
+        data = np.random.default_rng(0).integers(0, 255, 4 << 20, dtype=np.uint8)
+        n, back = Endpoint(name=name, idle_timeout=30)(big_echo)(data)  # spooled on this host
+        assert n == data.nbytes and (back == data[::-1]).all()
+        [w] = running(rc, name)
+        assert placed(rc, w["id"])["same_host"] is False
+    finally:
+        marker.write_text(nonce)
+        rc.stop(name)

@@ -151,5 +151,13 @@ class OptionalProvider(Protocol):
         """Whether a worker of this endpoint would run emulated (a GPU type the provider
         does not have, run on CPU), before any worker has started. Views use it."""
 
+    def unmet(self, configs: list[EndpointConfig]) -> None:
+        """Called at each tick of the scheduler with one config per worker waiting
+        ``Throttled`` because ``allocate`` found no room (an empty list when none waits).
+        A provider for an elastic cluster asks it for room (the Ray provider's autoscaler
+        request). Must return quickly: it runs on the control plane's loop."""
 
-OPTIONAL_METHODS = ("prepare", "close", "spare_ready", "spare_lost", "would_emulate")
+
+OPTIONAL_METHODS = (
+    "prepare", "close", "spare_ready", "spare_lost", "would_emulate", "unmet"
+)  # fmt: skip

@@ -44,6 +44,18 @@ def _gpu_names(ids: list[str]) -> list[str]:
     return [line.strip() for line in out.strip().splitlines() if line.strip()]
 
 
+def _reads(marker: tuple[str, str] | None) -> bool:
+    """Whether the file at ``marker[0]`` holds ``marker[1]`` (the spool is shared)."""
+    if not marker:
+        return False
+    path, nonce = marker
+    try:
+        with open(path) as f:
+            return f.read(len(nonce) + 1) == nonce
+    except OSError:
+        return False
+
+
 def _last_line(path: str) -> str:
     try:
         with open(path, "rb") as f:
@@ -68,8 +80,10 @@ class WorkerActor:
         self.proc: subprocess.Popen | None = None
         self.log_path = ""
 
-    def placed(self, boot_id: str) -> dict[str, Any]:
-        """Where Ray put this actor and the devices it got (names from the driver)."""
+    def placed(self, marker: tuple[str, str] | None) -> dict[str, Any]:
+        """Where Ray put this actor and the devices it got (names from the driver).
+        ``marker``: (path, nonce) of the control plane's spool marker; this node shares the
+        spool when it reads that nonce there."""
         ctx = ray.get_runtime_context()
         ids = [str(g) for g in ray.get_gpu_ids()]
         return {
@@ -79,7 +93,7 @@ class WorkerActor:
             "gpu_ids": ids,
             "gpu_names": _gpu_names(ids),
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-            "same_host": paths.boot_id() == boot_id,
+            "same_host": _reads(marker),
             "python": sys.executable,
         }
 

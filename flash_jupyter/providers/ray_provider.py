@@ -19,15 +19,28 @@ group that Ray does not grant within ``PENDING_GRACE`` (another user took the re
 reports the phase ``pending``: the slot shows ``Throttled`` and is not billed until it is
 granted.
 
+Autoscaling: the workers that wait ``Throttled`` because no node can hold them (``unmet``,
+called by the scheduler at each tick) become a resource request to Ray's autoscaler
+(``ray.autoscaler.sdk.request_resources``: the bundles of the workers placed plus those
+waiting, sent when it changes, cleared once none waits), so a cluster launcher or KubeRay
+cluster adds a node of that type. ``FLASH_JUPYTER_STRICT_GPU=1`` refuses a GPU type no node
+has instead (for a cluster of fixed size), and fails a worker whose node has no driver to
+name its GPUs rather than run it emulated.
+
 Lifecycle: the worker's exit, the actor's death (node lost, out of memory, ``ray.kill``) or a
 failed start end in ``on_exit`` once the actor is confirmed gone and its placement group
-removed, so billing covers the whole time the resources were held. A worker on another host
-gets no spool (its boot id differs): its buffers travel inline both ways.
+removed, so billing covers the whole time the resources were held.
 
-Environments: an endpoint's ``dependencies`` go to Ray's ``runtime_env`` (``pip``), which
-Ray builds on the node (and caches there) before the actor starts; the cold start's
-``environment`` phase covers that time. ``system_dependencies`` cannot be installed this way
-and are refused.
+Buffers: a worker gets the shared-memory spool only when its node sees the control plane's
+spool folder: the actor reads a marker file (a random nonce) the provider wrote there. Another
+machine, or a container on the same machine with its own ``/dev/shm`` (KubeRay pods share the
+kernel's boot id, not the folder), does not: its buffers travel inline both ways.
+
+Environments: an endpoint's ``dependencies`` are built on the node by the actor, with the
+same builder as the local provider (``providers/environments.py``: uv or pip, cached per
+dependency set in the node's data directory, or in the control plane's when the node is this
+host); the cold start's ``environment`` phase covers that time. ``system_dependencies``
+cannot be installed this way and are refused.
 """
 
 from __future__ import annotations
@@ -35,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import signal
 import socket
 import time
@@ -46,12 +60,12 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from .. import catalog, paths
+from .. import catalog, envvars
 from ..config import EndpointConfig
 from .base import Allocation, PlacementError, WorkerSpec
 from .ray_actor import RemoteWorkerActor, log_dir
 
-POLL = 0.5  # seconds between snapshots of the cluster's free resources
+SPOOL_MARKER = ".flash-host"  # in the spool folder: a node that can read it shares the spool
 PENDING_GRACE = 0.5  # a placement not granted by then shows the slot Throttled
 DEATH_WAIT = 10.0  # seconds to see a killed actor confirmed dead
 ACCEL = "accelerator_type:"
@@ -121,11 +135,17 @@ class RayProvider:
         address: str | None = None,
         advertise_host: str | None = None,
         namespace: str = "flash-jupyter",
+        strict_gpu: bool | None = None,
+        poll: float | None = None,
     ):
         self.data_dir = data_dir
         self.address = address or "auto"
         self.advertise_host = advertise_host
         self.namespace = namespace
+        if strict_gpu is None:
+            strict_gpu = envvars.get("FLASH_JUPYTER_STRICT_GPU")
+        self.strict_gpu = bool(strict_gpu)
+        self.poll = poll if poll is not None else envvars.get("FLASH_JUPYTER_RAY_POLL")
         self.connected = False
         self.error: str | None = None
         self.snapshot_at = 0.0
@@ -135,7 +155,8 @@ class RayProvider:
         self.workers: dict[str, RayWorker] = {}  # "worker id/incarnation" -> handle
         self.waiting: dict[str, str] = {}  # endpoint -> why its workers are Throttled
         self.wire_host: str | None = None
-        self.boot_id = paths.boot_id()
+        self.marker: tuple[str, str] | None = None  # (path, nonce) in the spool folder
+        self.requested: list[dict[str, float]] = []  # bundles last asked of the autoscaler
         self._poller: Any = None
         self._closing = False
 
@@ -187,7 +208,7 @@ class RayProvider:
     async def _poll(self) -> None:
         loop = asyncio.get_running_loop()
         while not self._closing:
-            await asyncio.sleep(POLL)
+            await asyncio.sleep(self.poll)
             try:
                 await loop.run_in_executor(None, self._snap)
             except Exception as e:  # the cluster is unreachable for now: keep the last one
@@ -238,6 +259,15 @@ class RayProvider:
         return [(None, {"CPU": float(hw.vcpus), "memory": float(hw.memory_gb << 30)})]
 
     def allocate(self, config: EndpointConfig) -> Allocation | None:
+        options = self.demands(config) if self.connected else []
+        if config.gpu and self.connected and self.strict_gpu and not options:
+            have = sorted(self._accelerators()) or ["no GPU type"]
+            raise PlacementError(
+                f"endpoint {config.name!r} asks for {config.gpu_count} x "
+                f"{' or '.join(config.gpu)} but the nodes of the Ray cluster have "
+                f"{', '.join(have)}; FLASH_JUPYTER_STRICT_GPU=1 forbids waiting for a node "
+                f"with one to join"
+            )
         if config.system_dependencies:
             raise PlacementError(
                 f"endpoint {config.name!r} has system_dependencies, which the Ray provider "
@@ -246,7 +276,6 @@ class RayProvider:
         if not self.connected:
             self.waiting[config.name] = "connecting to the Ray cluster"
             return None
-        options = self.demands(config)
         for type_name, demand in options:
             if self._fits(demand):
                 self.waiting.pop(config.name, None)
@@ -270,6 +299,36 @@ class RayProvider:
 
     def release(self, allocation: Allocation) -> None:
         self.held = [a for a in self.held if a is not allocation]
+
+    def unmet(self, configs: list[EndpointConfig]) -> None:
+        """Workers waiting Throttled for a node that can hold them (one config each): ask
+        Ray's autoscaler for room for them beside the workers placed, when that changes
+        (the request replaces the last one; an empty one clears it)."""
+        if not self.connected or self._closing:
+            return
+        wanted = [self.hint(cfg) for cfg in configs]
+        bundles = [dict(a.demand) for a in self.held] + wanted if wanted else []
+        if bundles == self.requested:
+            return
+        self.requested = bundles
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(None, _request_resources, bundles)
+        fut.add_done_callback(self._hint_sent)
+
+    def _hint_sent(self, fut: Any) -> None:
+        e = fut.exception()
+        if e is not None:
+            self.error = f"Ray autoscaler request failed: {type(e).__name__}: {e}"
+            self.requested = []  # try again at the next tick
+
+    def hint(self, config: EndpointConfig) -> dict[str, float]:
+        """The resources one worker of the endpoint needs, for the autoscaler: its first
+        option, or for a GPU type no node has, ``accelerator_type:<type>`` as Ray names it."""
+        options = self.demands(config)
+        if options:
+            return dict(options[0][1])
+        accel = ACCEL + _ray_accelerator_name(config.gpu[0])
+        return {"CPU": GPU_WORKER_CPUS, "GPU": float(config.gpu_count), accel: ACCEL_SHARE}
 
     def would_emulate(self, config: EndpointConfig) -> bool:
         return False  # known once placed: the node's driver names the devices
@@ -322,10 +381,15 @@ class RayProvider:
             if "memory" in alloc.demand:
                 options["memory"] = alloc.demand["memory"]
             h.actor = RemoteWorkerActor.options(**options).remote()
-            h.info = await _get(h.actor.placed.remote(self.boot_id))
+            h.info = await _get(h.actor.placed.remote(self._marker(spec.spool)))
             if h.killed:
                 return
             self._placed(spec, alloc, h.info)
+            if alloc.emulated and self.strict_gpu:
+                reason = (f"the node {h.info.get('hostname')} ({h.info.get('node_ip')}) gives "
+                          f"GPU resources but no NVIDIA driver names them; "
+                          f"FLASH_JUPYTER_STRICT_GPU=1 forbids running emulated")  # fmt: skip
+                return
             python = ""
             if cfg.dependencies:  # built on the node, in this data dir when it is this host
                 spec.phase("environment")
@@ -368,6 +432,22 @@ class RayProvider:
             r = h.on_exit(rc, reason)
             if asyncio.iscoroutine(r):
                 await r
+
+    def _marker(self, spool: str | None) -> tuple[str, str] | None:
+        """The spool's marker file (written once): a node that reads its nonce there shares
+        the spool with this control plane."""
+        if not spool:
+            return None
+        if self.marker is None:
+            path, nonce = os.path.join(spool, SPOOL_MARKER), secrets.token_hex(16)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(nonce)
+            except OSError:
+                return None
+            self.marker = (path, nonce)
+        return self.marker
 
     def _placed(self, spec: WorkerSpec, alloc: RayAllocation, info: dict[str, Any]) -> None:
         """The devices the actor got, as its node's driver names them: the label, the
@@ -437,6 +517,16 @@ class RayProvider:
         self._closing = True
         if self._poller is not None:
             self._poller.cancel()
+        if self.marker is not None:
+            try:
+                os.unlink(self.marker[0])
+            except OSError:
+                pass
+        if self.requested:
+            try:
+                _request_resources([])  # what this control plane asked for goes with it
+            except Exception:
+                pass
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -469,6 +559,8 @@ class RayProvider:
                 for h in self.workers.values()
             ],
             "waiting": dict(self.waiting),
+            "strict_gpu": self.strict_gpu,
+            "autoscaler_request": [_plain(b) for b in self.requested],
             "logs": log_dir(),
             "spare_worker": False,
             "spares": [],
@@ -490,6 +582,18 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
             f"nothing answers at {host}:{port} ({e.strerror or e}); start the cluster "
             f"(ray start --head) or give its address with --ray-address / RAY_ADDRESS"
         ) from None
+
+
+def _request_resources(bundles: list[dict[str, float]]) -> None:
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=bundles)
+
+
+def _ray_accelerator_name(type_name: str) -> str:
+    """Ray's accelerator-type name for a catalogue GPU type (``A100``, ``H100``, ``L4``,
+    ``L40S``); a type Ray has no name for keeps the catalogue's, spaces as dashes."""
+    return type_name.replace(" ", "-")
 
 
 def _plain(res: dict[str, float]) -> dict[str, float]:

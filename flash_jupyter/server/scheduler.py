@@ -56,6 +56,10 @@ class Scheduler:
                             w, f"did not stop cancelled job {jid}", kill=True, requeue=True
                         )
             self.reconcile(ep)
+        unmet = getattr(cp.provider, "unmet", None)
+        if unmet is not None:
+            unmet([ep.config for ep in cp.endpoints.values() for w in ep.workers.values()
+                   if w.state == m.THROTTLED and not w.live])  # fmt: skip
 
     def _timeout(self, job: m.Job, w: m.Worker, ep: m.EndpointState) -> None:
         limit = ep.config.execution_timeout

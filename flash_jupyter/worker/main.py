@@ -319,6 +319,16 @@ class Worker:
             meta.update((k, v) for k, v in extra.items() if v not in (None, {}, False))
             self.conn.send(meta)
 
+    def _open(self, ref: Any, bufs: list[Any]) -> Any:
+        """One blob of a frame. A worker without the spool (on another host) must get every
+        buffer inline: a spool path would name a file of another machine."""
+        if self.spool is None and not isinstance(ref, int):
+            raise RuntimeError(
+                "the control plane sent a shared-memory spool file to a worker that does not "
+                "share its spool (on another host); it must send buffers inline"
+            )
+        return shm.open_blob(ref, bufs, self.releaser)
+
     def _function(self, meta: dict[str, Any], bufs: list[Any]) -> Any:
         if "fnrefs" not in meta and meta.get("fn") is None:
             return None  # a cell: no function
@@ -327,7 +337,7 @@ class Worker:
             self.fns.move_to_end(h)
             return self.fns[h]
         refs = meta["fnrefs"]
-        blobs = [shm.open_blob(r, bufs, self.releaser) for r in refs]
+        blobs = [self._open(r, bufs) for r in refs]
         fn = wire.loads(blobs[0], blobs[1:], meta.get("fnc", "cloudpickle"))
         if h is not None:
             self.fns[h] = fn
@@ -358,7 +368,7 @@ class Worker:
                         f"({e}); return dicts, lists, strings and numbers to HTTP callers"
                     ) from None
                 return {"op": "done", "id": jid, "ok": True, "output": value}, []
-            blobs = [shm.open_blob(r, bufs, self.releaser) for r in meta["refs"]]
+            blobs = [self._open(r, bufs) for r in meta["refs"]]
             call = wire.loads_call(blobs[0], blobs[1:], meta.get("c", "cloudpickle"))
             if not self.code_loaded:
                 self._started(jid)
