@@ -228,6 +228,9 @@ class LocalProvider:
         """The endpoint asks for a GPU type this host does not have (it would run on CPU)."""
         return bool(config.gpu) and not any(hw and hw.name in config.gpu for _, _, hw in self.gpus)
 
+    def unmet(self, configs: list[EndpointConfig]) -> None:
+        """One machine cannot grow: Throttled workers wait for a slot to come free."""
+
     # -- processes
     async def prepare(
         self,
