@@ -7,15 +7,14 @@ worker sees exactly the GPUs Ray gave the actor. The worker is a process of its 
 thread of the actor: it cancels jobs with SIGINT on its main thread and exits when the wire
 drops, which an actor's threads cannot do.
 
-Imports only the standard library, Ray, and flash-jupyter's ``envvars`` and ``paths``: this
-module is what the nodes load.
+Imports only the standard library, Ray, and flash-jupyter's ``envvars``, ``paths`` and
+``exit_reason``: this module is what the nodes load.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from typing import Any
 import ray
 
 from .. import envvars, paths
+from .exit_reason import exit_reason
 
 
 def _gpu_names(ids: list[str]) -> list[str]:
@@ -54,16 +54,6 @@ def _reads(marker: tuple[str, str] | None) -> bool:
             return f.read(len(nonce) + 1) == nonce
     except OSError:
         return False
-
-
-def _last_line(path: str) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, os.path.getsize(path) - 4096))
-            lines = f.read().decode("utf-8", "replace").strip().splitlines()
-        return lines[-1][:300] if lines else ""
-    except OSError:
-        return ""
 
 
 def log_dir() -> str:
@@ -131,17 +121,7 @@ class WorkerActor:
         """Block until the worker process exits: (return code, why in words)."""
         assert self.proc is not None
         rc = self.proc.wait()
-        if rc >= 0:
-            reason = f"exited with code {rc}"
-            last = _last_line(self.log_path) if rc else ""
-            if last:
-                reason += f" ({last})"
-        else:
-            try:
-                reason = f"killed by {signal.Signals(-rc).name}"
-            except ValueError:
-                reason = f"killed by signal {-rc}"
-        return rc, reason
+        return rc, exit_reason(rc, self.log_path)
 
     def signal(self, signum: int) -> None:
         if self.proc is not None and self.proc.poll() is None:
