@@ -1,6 +1,7 @@
 """``flash-jupyter``: run and inspect the control plane from a shell.
 
 flash-jupyter serve [--host H --port P --token T --new-token --data-dir D]  foreground
+                    [--provider local|ray --ray-address A --advertise-host H]
 flash-jupyter start [--new-token] | shutdown                     the machine-local one
 flash-jupyter env                                                export lines for curl
 flash-jupyter status [NAME]                                      endpoints, workers, cost
@@ -10,6 +11,7 @@ flash-jupyter billing
 flash-jupyter budget [LIMIT|off] [--endpoint NAME]                the spending guard
 flash-jupyter build PATH [--set NAME.K=V] | build --deps a,b   environments ahead of time
 flash-jupyter envs [prune [--all]]                               environments kept
+flash-jupyter deploy PATH | undeploy NAME|PATH | dev PATH        from notebook to app
 """
 
 from __future__ import annotations

@@ -76,13 +76,30 @@ VARS: tuple[Var, ...] = (
         "`Throttled`.", minimum=1),
     Var("FLASH_JUPYTER_STRICT_GPU", FLAG, False, "control plane", "off",
         "any value but empty or `0`: refuse to emulate a GPU the host does not have (see "
-        "[GPU placement](#gpu-placement-and-emulation))"),
+        "[GPU placement](#gpu-placement-and-emulation)). With the Ray provider: refuse a GPU "
+        "type no node of the cluster has, instead of waiting `Throttled` for one to join, and "
+        "fail a worker placed on a node whose driver does not name its GPUs"),
     Var("FLASH_JUPYTER_SPARE_WORKERS", FLAG, True, "control plane", "`1`",
         "`0` (or empty): do not keep a spare worker process ready for fast cold starts"),
     Var("FLASH_JUPYTER_SPARE_LIMIT", INT, 4, "control plane", "`4`",
         "most spare worker processes at once (at most one per dependency environment, each "
         "counting against `FLASH_JUPYTER_MAX_WORKERS`; see "
         "[spares and preload](#spare-workers-and-preload))", minimum=1),
+    Var("FLASH_JUPYTER_PROVIDER", TEXT, "local", "`serve`, and control planes clients start",
+        "`local`", "where workers run: `local` (processes on this machine) or `ray` (actors on "
+        "a Ray cluster's nodes; see [the Ray provider](#the-ray-provider)). `serve --provider` "
+        "overrides it."),
+    Var("RAY_ADDRESS", TEXT, None, "`serve` with the Ray provider (and Ray itself)", "`auto`",
+        "the Ray cluster to place workers on: `auto` (the cluster this machine belongs to), "
+        "`HOST:6379`, or `ray://HOST:10001` (Ray Client). `serve --ray-address` overrides it."),
+    Var("FLASH_JUPYTER_ADVERTISE_HOST", TEXT, None, "`serve` with the Ray provider",
+        "`--host`, or this node's IP (`ray.util.get_node_ip_address()`) when `--host` is "
+        "`0.0.0.0`", "the address workers on other machines connect back to (the wire port "
+        "and the HTTP port listen on `--host`). `serve --advertise-host` overrides it."),
+    Var("FLASH_JUPYTER_RAY_POLL", FLOAT, 0.5, "`serve` with the Ray provider", "`0.5`",
+        "seconds between two reads of the Ray cluster's free resources per node (placement "
+        "decides from the last read; a node that joins is used within this time)",
+        minimum=0.05),
     Var("FLASH_JUPYTER_MAX_RETRIES", INT, 2, "control plane", "`2`",
         "times a job is re-run after its worker dies under it, before it fails", minimum=0),
     Var("FLASH_JUPYTER_MAX_BODY_BYTES", INT, None, "control plane",

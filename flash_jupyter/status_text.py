@@ -77,6 +77,12 @@ def format_status(
                     f"{', '.join(st['names'])} ({st['bytes'] / 1e6:.1f} MB): "
                     f"lost when it scales down"
                 )
+            mem = w.get("gpu_memory")
+            if mem:  # as torch counted it after the worker's last job
+                out.append(
+                    f"  {w['id']} holds {mem['allocated_bytes'] / 2**20:.0f} MiB of GPU memory "
+                    f"({mem['reserved_bytes'] / 2**20:.0f} MiB reserved by torch)"
+                )
     if billing:
         tag = " (estimate at list price)" if billing.get("estimate") else ""
         out.append(f"total ${billing['total']:.6f}{tag}; prices as of {billing['prices_as_of']}")

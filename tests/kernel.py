@@ -7,7 +7,9 @@ and which execution each message belongs to (its parent ``msg_id``).
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import sys
 import threading
 import time
@@ -120,6 +122,10 @@ class Kernel:
             raise
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
+        # A cell that hangs is diagnosed by every thread's stack (SIGUSR1, see wait).
+        self.kc.execute("import faulthandler as _f, signal as _s; "
+                        "_f.register(_s.SIGUSR1, all_threads=True)",
+                        silent=True, store_history=False)  # fmt: skip
 
     # -- iopub, read all the time
     def _read(self) -> None:
@@ -153,11 +159,24 @@ class Kernel:
             while msg_id not in self._idle:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise TimeoutError(f"execution {msg_id[:8]} not done after {timeout} s")
+                    self._dump_stacks()
+                    raise TimeoutError(
+                        f"execution {msg_id[:8]} not done after {timeout} s "
+                        f"(the kernel's threads are in the captured stderr)"
+                    )
                 self._lock.wait(left)
             msgs = [m for m in self.msgs if m.parent == msg_id and m.type in OUTPUT]
             idle = self._idle[msg_id]
         return Result(msg_id, sent, msgs, idle, self._reply(msg_id, time.monotonic() + 10))
+
+    def _dump_stacks(self) -> None:
+        """Ask the kernel to print every thread's stack to its stderr (pytest shows it)."""
+        try:
+            pid = self.km.provisioner.process.pid
+            os.kill(pid, signal.SIGUSR1)
+            time.sleep(1.0)  # the dump is written by the kernel: give it a moment
+        except Exception:
+            pass
 
     def _reply(self, msg_id: str, deadline: float) -> dict[str, Any]:
         """The execute_reply (shell channel) of a request: its status and payload."""

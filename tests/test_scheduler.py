@@ -765,3 +765,13 @@ def test_providers_implement_the_seam():
             want = inspect.signature(getattr(base.Provider, name, None)
                                      or getattr(base.OptionalProvider, name))  # fmt: skip
             assert list(inspect.signature(impl).parameters) == list(want.parameters), name
+
+
+def test_the_ray_provider_implements_the_seam():
+    ray_provider = pytest.importorskip("flash_jupyter.providers.ray_provider")
+    cls = ray_provider.RayProvider
+    for name in ("allocate", "describe", "kill", "pid", "release", "start", "stop",
+                 "prepare", "close", "would_emulate", "unmet"):  # fmt: skip
+        want = getattr(base.Provider, name, None) or getattr(base.OptionalProvider, name)
+        got = list(inspect.signature(getattr(cls, name)).parameters)
+        assert got == list(inspect.signature(want).parameters), name

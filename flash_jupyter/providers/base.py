@@ -26,6 +26,9 @@ class Allocation:
     emulated: bool
     devices: list[int] = field(default_factory=list)  # GPU indices (CUDA_VISIBLE_DEVICES)
     type_name: str | None = None  # the catalogue type it got (a GPU list may allow several)
+    # The worker shares this host's shared-memory spool. False for a worker on another
+    # machine: the control plane then sends it spooled buffers inline.
+    same_host: bool = True
 
 
 @dataclass
@@ -48,6 +51,8 @@ class WorkerSpec:
     # Set by a provider that adopted a warm process instead of starting one: "preloaded"
     # (a spare that had imported modules for the endpoint) or "plain"; None: a fresh one.
     spare: str | None = None
+    # Why a start reported the phase "pending" waits (shown as the slot's reason).
+    waiting: str | None = None
 
     def phase(self, name: str) -> None:
         """Report a cold start phase (a no-op when nobody listens)."""
@@ -80,7 +85,13 @@ class Provider(Protocol):
         ("exited with code 1 (last log line)", "killed by SIGKILL"): it becomes the worker's
         reason and the error of jobs that fail with it. A start that raises counts as a
         start failure. A provider that builds an environment before the process reports
-        each phase with ``spec.phase("environment")`` and ``spec.phase("process")``."""
+        each phase with ``spec.phase("environment")`` and ``spec.phase("process")``.
+
+        A provider whose placement can wait (a cluster without a free node) reports
+        ``spec.phase("pending")`` (with ``spec.waiting`` saying why): the slot shows
+        ``Throttled`` and is not billed until the next phase, where its start (and bill)
+        begins. A provider may refine ``spec.allocation`` once placed (the devices it got,
+        their names, ``same_host``); the control plane reads it again at each phase."""
 
     def stop(self, handle: Any) -> None:
         """Ask the process to stop now (SIGTERM)."""
@@ -140,5 +151,13 @@ class OptionalProvider(Protocol):
         """Whether a worker of this endpoint would run emulated (a GPU type the provider
         does not have, run on CPU), before any worker has started. Views use it."""
 
+    def unmet(self, configs: list[EndpointConfig]) -> None:
+        """Called at each tick of the scheduler with one config per worker waiting
+        ``Throttled`` because ``allocate`` found no room (an empty list when none waits).
+        A provider for an elastic cluster asks it for room (the Ray provider's autoscaler
+        request). Must return quickly: it runs on the control plane's loop."""
 
-OPTIONAL_METHODS = ("prepare", "close", "spare_ready", "spare_lost", "would_emulate")
+
+OPTIONAL_METHODS = (
+    "prepare", "close", "spare_ready", "spare_lost", "would_emulate", "unmet"
+)  # fmt: skip

@@ -36,6 +36,7 @@ from .. import catalog, credentials, envvars
 from ..config import MODULE_RE, EndpointConfig
 from .base import Allocation, PlacementError, WorkerSpec
 from .environments import PRE_INSTALLED, mark_used, prepare
+from .exit_reason import exit_reason
 
 SPARE_DELAY = 0.5  # seconds after an adoption before the next spare may start
 SPARE_PATIENCE = 10.0  # ... and at the latest, busy or not
@@ -63,16 +64,6 @@ def detect_gpus() -> list[tuple[int, str, catalog.HardwareType | None]]:
         if idx.strip().isdigit():
             gpus.append((int(idx), name.strip(), catalog.match_smi_name(name.strip())))
     return gpus
-
-
-def _last_line(path: Path) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, os.path.getsize(path) - 4096))
-            lines = f.read().decode("utf-8", "replace").strip().splitlines()
-        return lines[-1][:300] if lines else ""
-    except OSError:
-        return ""
 
 
 @dataclass
@@ -227,6 +218,9 @@ class LocalProvider:
     def would_emulate(self, config: EndpointConfig) -> bool:
         """The endpoint asks for a GPU type this host does not have (it would run on CPU)."""
         return bool(config.gpu) and not any(hw and hw.name in config.gpu for _, _, hw in self.gpus)
+
+    def unmet(self, configs: list[EndpointConfig]) -> None:
+        """One machine cannot grow: Throttled workers wait for a slot to come free."""
 
     # -- processes
     async def prepare(
@@ -533,17 +527,7 @@ class LocalProvider:
             rc = await proc.wait()
         else:  # a subprocess.Popen (the spare started before the loop)
             rc = await asyncio.get_running_loop().run_in_executor(None, proc.wait)
-        if rc is None or rc >= 0:
-            reason = f"exited with code {rc}"
-            if rc:
-                last = _last_line(log_path)
-                if last:
-                    reason += f" ({last})"
-        else:
-            try:
-                reason = f"killed by {signal.Signals(-rc).name}"
-            except ValueError:
-                reason = f"killed by signal {-rc}"
+        reason = exit_reason(rc, log_path)
         cb = getattr(proc, "_flash_on_exit", None)
         if cb is not None:
             r = cb(rc, reason)

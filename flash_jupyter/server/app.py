@@ -50,6 +50,8 @@ async def run_server(
     wire_sock: socket.socket | None = None,
     lock: Any = None,
     spare: Any = None,
+    provider: str = "local",
+    provider_options: dict[str, Any] | None = None,
 ) -> None:
     data_dir = paths.ensure_private_dir(Path(data_dir or paths.home()))
     lock = lock or exclusive(data_dir)
@@ -105,8 +107,8 @@ async def run_server(
     # call (wire only) does not wait for it, nor share the interpreter lock with it.
     loop.call_later(HTTP_DELAY, load_http)
     store = Store(data_dir / "flash.db")
-    provider = get_provider("local", data_dir=data_dir)
-    cp = ControlPlane(store, provider, token=token, wire_addr=(host, wport), spool=str(spool),
+    workers = get_provider(provider, data_dir=data_dir, **(provider_options or {}))
+    cp = ControlPlane(store, workers, token=token, wire_addr=(host, wport), spool=str(spool),
                       spare=spare)  # fmt: skip
     await cp.start()
     public = {k: info[k] for k in ("spool", "boot_id", "instance", "version", "wire_port")}

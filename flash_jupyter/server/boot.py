@@ -53,6 +53,25 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="stop after this many seconds with no workers, no queued jobs and no clients",
     )
+    p.add_argument(
+        "--provider",
+        choices=("local", "ray"),
+        default=None,
+        help="where workers run: local processes, or actors on a Ray cluster "
+        "(default: $FLASH_JUPYTER_PROVIDER, else local)",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="the Ray cluster for --provider ray: auto, HOST:6379 or ray://HOST:10001 "
+        "(default: $RAY_ADDRESS, else auto)",
+    )
+    p.add_argument(
+        "--advertise-host",
+        default=None,
+        help="the address workers on other machines connect to (default: "
+        "$FLASH_JUPYTER_ADVERTISE_HOST, else --host, or this node's IP when --host is 0.0.0.0)",
+    )
     p.add_argument("--exit-with-parent", type=int, default=None, metavar="PID")
     p.add_argument("--ready-file", type=Path, default=None)
     return p
@@ -138,6 +157,17 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     if a.new_token and a.token:
         p.error("--new-token cannot be used with --token or FLASH_JUPYTER_TOKEN")
+    provider = a.provider or envvars.get("FLASH_JUPYTER_PROVIDER")
+    if provider not in ("local", "ray"):
+        p.error(f"FLASH_JUPYTER_PROVIDER={provider!r} is not a provider; use local or ray")
+    options: dict[str, Any] = {}
+    if provider == "ray":
+        options = {
+            "address": a.ray_address or envvars.get("RAY_ADDRESS") or "auto",
+            "advertise_host": a.advertise_host or envvars.get("FLASH_JUPYTER_ADVERTISE_HOST"),
+        }
+    elif a.ray_address or a.advertise_host:
+        p.error("--ray-address and --advertise-host go with --provider ray")
     from .. import paths
 
     data_dir = paths.ensure_private_dir(Path(a.data_dir or paths.home()))
@@ -148,7 +178,9 @@ def main(argv: list[str] | None = None) -> None:
     token = a.token or (keep if isinstance(keep, str) and keep else secrets.token_urlsafe(24))
     http_sock, http_port = listen(a.host, a.port, saved.get("port"), "port")
     wire_sock, wire_port = listen(a.host, a.wire_port, saved.get("wire_port"), "wire port")
-    spare = spawn_spare(data_dir, a.host, wire_sock.getsockname()[1], token)
+    spare = None
+    if provider == "local":  # the local provider's first spare worker process
+        spare = spawn_spare(data_dir, a.host, wire_sock.getsockname()[1], token)
     paths.update_settings(data_dir, host=a.host, port=http_port, wire_port=wire_port, token=token)
 
     from .app import serve
@@ -164,4 +196,6 @@ def main(argv: list[str] | None = None) -> None:
         wire_sock=wire_sock,
         lock=lock,
         spare=spare,
+        provider=provider,
+        provider_options=options,
     )

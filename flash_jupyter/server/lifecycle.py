@@ -72,6 +72,7 @@ class Lifecycle:
         w.fns = set()
         w.remote_state = {}
         w.lost_state = {}
+        w.gpu_memory = None
         w.stopping = False
         w.expected_exit = True
         w.handle = "starting"
@@ -90,12 +91,40 @@ class Lifecycle:
         def on_phase(phase: str) -> None:
             if w.incarnation == inc and spec.env_source is not None:
                 w.env_source = spec.env_source  # the environment is ready: which way
-            if w.incarnation == inc and w.live and w.conn is None and phase != w.phase:
-                self.set_phase(ep, w, phase)
+            if w.incarnation == inc and w.live and w.conn is None:
+                self.provider_phase(ep, w, spec, phase)
 
         spec = WorkerSpec(w.id, w.incarnation, cfg, alloc, cp.wire_addr, cred, cp.spool,
                           on_phase=on_phase)  # fmt: skip
         w.spawn_task = cp._loop.create_task(self._spawn(ep, w, spec))
+
+    def provider_phase(
+        self, ep: m.EndpointState, w: m.Worker, spec: WorkerSpec, phase: str
+    ) -> None:
+        """The provider moved a start on. ``pending``: its placement waits for resources
+        (a cluster without a free node): Throttled and not billed. The next phase after it
+        begins the start and the bill. The provider may have refined the allocation (the
+        devices it got): the worker's hardware and price follow."""
+        cp = self.cp
+        if phase == "pending":
+            if w.state != m.THROTTLED:
+                w.state, w.reason = m.THROTTLED, spec.waiting or "waiting for resources"
+                w.start_signal, w.phase, w.phase_ms = None, None, {}
+                cp._publish_worker(w)
+                cp.progress.endpoint_moved(ep)
+            return
+        if w.state == m.THROTTLED:  # granted: the start, and its bill, begin now
+            w.state, w.reason = m.INITIALIZING, ""
+            w.start_signal = w.phase_since = cp.wall()
+        alloc = spec.allocation
+        refined = (w.hardware, w.emulated) != (alloc.hardware, alloc.emulated)
+        if refined:
+            w.hardware, w.emulated = alloc.hardware, alloc.emulated
+            w.price = cp.ledger.price(ep.config, alloc)
+        if phase != w.phase:
+            self.set_phase(ep, w, phase)
+        elif refined:
+            cp._publish_worker(w)
 
     def set_phase(
         self, ep: m.EndpointState, w: m.Worker, phase: str | None, queued: bool = True

@@ -129,6 +129,8 @@ class Worker:
     env_source: str | None = None
     # Its process was a spare: "preloaded" (imports done), "plain", or None (a fresh one).
     spare: str | None = None
+    # GPU memory its process holds, as of its last result (worker/gpu_memory.py), or None.
+    gpu_memory: dict[str, int] | None = None
 
     @property
     def live(self) -> bool:

@@ -56,6 +56,10 @@ class Scheduler:
                             w, f"did not stop cancelled job {jid}", kill=True, requeue=True
                         )
             self.reconcile(ep)
+        unmet = getattr(cp.provider, "unmet", None)
+        if unmet is not None:
+            unmet([ep.config for ep in cp.endpoints.values() for w in ep.workers.values()
+                   if w.state == m.THROTTLED and not w.live])  # fmt: skip
 
     def _timeout(self, job: m.Job, w: m.Worker, ep: m.EndpointState) -> None:
         if job.timeout:  # the request's policy.executionTimeout
@@ -87,10 +91,14 @@ class Scheduler:
                 cp.lifecycle.start(ep, w)
         else:
             for w in workers:
-                if w.state == m.THROTTLED:
+                if w.state == m.THROTTLED and not w.live:
                     w.state, w.reason = m.IDLE, ""
                     cp._publish_worker(w)
             surplus = len(current) - want
+            # A start still waiting for its placement (a live Throttled slot) goes first.
+            for w in [w for w in current if w.state == m.THROTTLED][: max(0, surplus)]:
+                cp.lifecycle.stop(w, "no longer needed while waiting for resources", kill=True)
+                surplus -= 1
             if surplus > 0:
                 # Longest idle first, and those keeping no notebook's names before those that do.
                 idle = sorted(
@@ -328,10 +336,10 @@ class Scheduler:
                     self.cp._finish(job, m.FAILED, error={"message": "function payload lost"})
                     return None
                 meta["fnc"] = f[0]
-                meta["fnrefs"] = shm.to_refs(f[1], bufs)
+                meta["fnrefs"] = _refs(w, f[1], bufs)
         elif body.get("fn_blobs"):
             meta["fnc"] = body["fn_codec"]
-            meta["fnrefs"] = shm.to_refs(body["fn_blobs"], bufs)
+            meta["fnrefs"] = _refs(w, body["fn_blobs"], bufs)
         size = 0
         if job.kind == "json":
             meta["input"] = body.get("input")
@@ -340,13 +348,22 @@ class Scheduler:
             size = len(pickle.dumps(meta, protocol=5))
         else:
             meta["c"] = body.get("codec", "cloudpickle")
-            meta["refs"] = shm.to_refs(body.get("blobs") or (), bufs)
+            meta["refs"] = _refs(w, body.get("blobs") or (), bufs)
             meta["stamp"] = body.get("stamp")
             if body.get("paths"):
                 meta["paths"] = body["paths"]
             if body.get("noshm"):
                 meta["noshm"] = True
         return meta, bufs, size
+
+
+def _refs(w: m.Worker, blobs: Any, bufs: list[Any]) -> list[Any]:
+    """``shm.to_refs`` for ``w``: a worker on another host cannot open the spool, so the
+    spooled buffers it needs travel inline (mapped here, sent from the mapping)."""
+    if w.allocation is None or w.allocation.same_host:
+        return shm.to_refs(blobs, bufs)
+    inline = [shm.open_blob(list(b), []) if isinstance(b, shm.SpoolRef) else b for b in blobs]
+    return shm.to_refs(inline, bufs)
 
 
 def _current(ep: m.EndpointState) -> list[m.Worker]:

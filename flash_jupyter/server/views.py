@@ -129,6 +129,10 @@ class Views:
             "env_source": w.env_source if w.live else None,
             # Its process was a spare: "preloaded", "plain"; None: a fresh process.
             "spare": w.spare if w.live else None,
+            # Its GPUs: the indices it was given (CUDA_VISIBLE_DEVICES) and the memory its
+            # process held after its last job, as torch counts it (None: no CUDA use seen).
+            "gpu_devices": list(w.allocation.devices) if w.allocation is not None else [],
+            "gpu_memory": w.gpu_memory if w.live else None,
             "scale_down_in_s": _round(self.scheduler.scale_down_in(ep, w)),
             "idle_timeout": ep.config.idle_timeout,
             **self.ledger.worker_bill(w, ep, now),

@@ -252,6 +252,7 @@ class Connection:
         state = meta.get("state")
         if state:
             _check_state(state)
+        gpu_mem = _check_gpu_memory(meta.get("gpu_mem"))
         current = job.worker_id == worker_id and job.status not in m.TERMINAL
         if current and ok and job.kind != "json":
             result = {
@@ -265,6 +266,8 @@ class Connection:
             w.last_active = cp.clock()
             if ok:
                 w.crashes = 0
+            if gpu_mem is not None:
+                w.gpu_memory = gpu_mem
             if state:
                 w.remote_state.update(state)
                 if job.owner is not None:
@@ -421,6 +424,22 @@ def _check_state(state: Any) -> None:
         for s, v in state.items()
     ):
         raise ValueError("state is {session: {name: size}}")
+
+
+GPU_MEMORY_KEYS = ("allocated_bytes", "reserved_bytes", "devices")
+
+
+def _check_gpu_memory(mem: Any) -> dict[str, int] | None:
+    """A worker's GPU memory report (worker/gpu_memory.py): exactly its keys, counts >= 0."""
+    if mem is None:
+        return None
+    if not (
+        isinstance(mem, dict)
+        and sorted(mem) == sorted(GPU_MEMORY_KEYS)
+        and all(type(v) is int and v >= 0 for v in mem.values())
+    ):
+        raise ValueError(f"gpu_mem is {{{', '.join(GPU_MEMORY_KEYS)}}}: counts")
+    return dict(mem)
 
 
 def _check_submit(meta: dict[str, Any]) -> None:

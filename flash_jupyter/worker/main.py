@@ -31,6 +31,7 @@ from .. import envvars, shm, wire
 from ..errors import VersionMismatch
 from ..protocol import SyncConnection
 from .capture import FdCapture, OutputCapture
+from .gpu_memory import note as note_gpu_memory
 
 BATCH_MAX = 64
 FN_CACHE = 256
@@ -304,7 +305,7 @@ class Worker:
             out_meta, out_bufs = self._execute(meta, bufs)
         finally:
             self._loading(meta, -1)
-        self.conn.send(out_meta, out_bufs)
+        self.conn.send(note_gpu_memory(out_meta), out_bufs)
         if self.imports is not None:
             with self.lock:
                 self.imports.note(sorted(self._paths()))
@@ -328,7 +329,7 @@ class Worker:
                 self.current = None
                 self.cancelled.discard(jid)
         more = not self.inbox.empty()
-        self._queue_done(out_meta, out_bufs, flush=not more)
+        self._queue_done(note_gpu_memory(out_meta), out_bufs, flush=not more)
         if not more and self.imports is not None:
             self.imports.note(sorted(self._paths()))
 
@@ -343,6 +344,16 @@ class Worker:
             meta = {"op": "display", "id": jid, "data": data, "metadata": metadata}
             meta.update((k, v) for k, v in extra.items() if v not in (None, {}, False))
             self.conn.send(meta)
+
+    def _open(self, ref: Any, bufs: list[Any]) -> Any:
+        """One blob of a frame. A worker without the spool (on another host) must get every
+        buffer inline: a spool path would name a file of another machine."""
+        if self.spool is None and not isinstance(ref, int):
+            raise RuntimeError(
+                "the control plane sent a shared-memory spool file to a worker that does not "
+                "share its spool (on another host); it must send buffers inline"
+            )
+        return shm.open_blob(ref, bufs, self.releaser)
 
     def _function(self, meta: dict[str, Any], bufs: list[Any]) -> Any:
         if "fnrefs" not in meta and meta.get("fn") is None:
@@ -360,7 +371,7 @@ class Worker:
                                    "job that brought it failed to load it)")  # fmt: skip
             return fn
         refs = meta["fnrefs"]
-        blobs = [shm.open_blob(r, bufs, self.releaser) for r in refs]
+        blobs = [self._open(r, bufs) for r in refs]
         fn = wire.loads(blobs[0], blobs[1:], meta.get("fnc", "cloudpickle"))
         if h is not None:
             with self.fns_ready:
@@ -411,7 +422,7 @@ class Worker:
                         f"({e}); return dicts, lists, strings and numbers to HTTP callers"
                     ) from None
                 return {"op": "done", "id": jid, "ok": True, "output": value}, []
-            blobs = [shm.open_blob(r, bufs, self.releaser) for r in meta["refs"]]
+            blobs = [self._open(r, bufs) for r in meta["refs"]]
             call = wire.loads_call(blobs[0], blobs[1:], meta.get("c", "cloudpickle"))
             if not self.code_loaded:
                 self._started(jid)
