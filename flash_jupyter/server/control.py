@@ -150,6 +150,7 @@ class ControlPlane(Views, SpoolKeeper):
                 ep.queue.append(job.id)
         for ep in self.endpoints.values():
             if any(self.jobs[j].low for j in ep.queue if j in self.jobs):
+                ep.has_low = True
                 ep.queue = type(ep.queue)(sorted(ep.queue, key=lambda j: self.jobs[j].low))
         self.clean_spool()
         keep = {ep.handler for ep in self.endpoints.values() if ep.handler}
@@ -379,6 +380,7 @@ class ControlPlane(Views, SpoolKeeper):
         self.store.insert_job(job, after=on_commit)
         self.jobs[jid] = job
         queue = ep.queue
+        ep.has_low = ep.has_low or job.low
         if queue and not job.low and (last := self.jobs.get(queue[-1])) and last.low:
             queue.insert(self._before_low(queue), jid)  # ahead of the low-priority jobs
         else:

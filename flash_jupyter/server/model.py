@@ -177,6 +177,7 @@ class EndpointState:
     cold_ms_total: float = 0.0
     last_cold_ms: float | None = None
     progress_jobs: set[str] = field(default_factory=set)  # unfinished jobs asking progress
+    has_low: bool = False  # a lowPriority job was queued (scaling then skips those: scheduler)
 
     @property
     def name(self) -> str:

@@ -10,7 +10,8 @@ back (``apply``). What each one does:
   job ends ``TIMED_OUT`` and its worker is replaced (the scheduler's deadline path);
 - ``ttl`` is the job's whole life from submission: still queued then, it ends ``TIMED_OUT``
   and is forgotten; finished, its record goes then (or 30 minutes after it ended, if sooner);
-- ``lowPriority`` queues the job behind every job without it.
+- ``lowPriority`` queues the job behind every job without it, and (Runpod's rule) does not
+  count toward scaling up: it runs on workers already up (``scheduler._scaling_queue``).
 """
 
 from __future__ import annotations
