@@ -192,6 +192,7 @@ class Worker:
         self.capture = OutputCapture(self._send_output)
         self.fds: FdCapture | None = None
         self.loop: Any = None  # an asyncio loop, made for the first async job
+        self._thread_loops = threading.local()  # pool threads' own loops (_event_loop)
         self.imports: ImportLog | None = None
         conc = int(spec.get("max_concurrency") or 1)
         self.pool = None
@@ -492,11 +493,7 @@ class Worker:
 
     def _settle(self, value: Any, jid: str, stream: bool) -> Any:
         if hasattr(value, "__await__"):
-            if self.loop is None:
-                import asyncio
-
-                self.loop = asyncio.new_event_loop()
-            value = self.loop.run_until_complete(_await(value))
+            value = self._event_loop().run_until_complete(_await(value))
         if isinstance(value, types.GeneratorType):
             out = []
             for chunk in value:
@@ -505,6 +502,22 @@ class Worker:
                     self.conn.send({"op": "chunk", "id": jid, "output": chunk})
             value = out
         return value
+
+    def _event_loop(self) -> Any:
+        """The event loop async jobs run on in this thread: one for the main thread, kept
+        for the process (state an async function keeps between calls stays usable), and
+        one per pool thread, since jobs run side by side (``max_concurrency``) cannot
+        share a loop that is running."""
+        import asyncio
+
+        if threading.current_thread() is threading.main_thread():
+            if self.loop is None:
+                self.loop = asyncio.new_event_loop()
+            return self.loop
+        loop = getattr(self._thread_loops, "loop", None)
+        if loop is None:
+            loop = self._thread_loops.loop = asyncio.new_event_loop()
+        return loop
 
 
 async def _await(aw: Any) -> Any:
