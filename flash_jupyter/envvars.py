@@ -108,6 +108,16 @@ VARS: tuple[Var, ...] = (
         "both; a larger one gets 413 ([limits](rest-api.md#limits)). An input above 64 MiB "
         "cannot reach a worker: such a job fails (`JobTooLarge`). A value that is not a "
         "positive whole number is ignored, with a warning on stderr.", minimum=1),
+    Var("FLASH_JUPYTER_WEBHOOK_HOSTS", TEXT, None, "control plane (at start)",
+        "unset: any host, as on Runpod",
+        "comma-separated host names and IP addresses that a job's `webhook` URL may name "
+        "(`127.0.0.1,hooks.example.com`); a request naming another host gets 400 before "
+        "anything is recorded ([webhooks](rest-api.md#webhook-the-final-status-posted-to-a-url)). "
+        "Entries that are neither are ignored, with a warning on stderr."),
+    Var("FLASH_JUPYTER_WEBHOOK_RETRY_DELAY", FLOAT, 10.0, "control plane (at start)", "`10`",
+        "seconds between the attempts to deliver a webhook (3 attempts, as Runpod makes). A "
+        "value that is not a number, 0 or more, is ignored, with a warning on stderr.",
+        minimum=0),
     Var("FLASH_JUPYTER_WORKER", TEXT, None, "worker processes", "set by the control plane",
         "internal: how a worker (or the spare) finds the control plane (JSON). Removed from "
         "`os.environ` at start, like `FLASH_JUPYTER_WORKER_TOKEN`."),

@@ -294,21 +294,43 @@ def test_import_of_a_local_module_inside_the_function(client, name, tmp_path, mo
     assert use_it(5) == 15
 
 
-def test_max_concurrency_runs_jobs_side_by_side_on_one_worker(client, name):
-    @Endpoint(name=name, workers=1, max_concurrency=3)
-    def nap(t):
-        import os
-        import time
+def meet(folder: str, me: int, n: int) -> int:
+    """Say this job runs, then wait until ``n`` jobs do (all at once, or the wait fails)."""
+    import os
+    import time
 
-        time.sleep(t)
-        return os.getpid()
+    open(os.path.join(folder, str(me)), "w").close()
+    deadline = time.monotonic() + 20
+    while len(os.listdir(folder)) < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"job {me} ran alone: {sorted(os.listdir(folder))} of {n}")
+        time.sleep(0.01)
+    return os.getpid()
 
-    nap(0)  # warm
-    t = time.monotonic()
-    jobs = [nap.submit(1.0) for _ in range(3)]
-    pids = {j.result(timeout=30) for j in jobs}
-    assert len(pids) == 1  # one worker ...
-    assert time.monotonic() - t < 2.5  # ... running the three at once, not one after another
+
+def test_max_concurrency_runs_jobs_side_by_side_on_one_worker(client, name, tmp_path):
+    nap = Endpoint(name=name, workers=1, max_concurrency=3)(meet)
+    jobs = [nap.submit(str(tmp_path), i, 3) for i in range(3)]
+    pids = {j.result(timeout=60) for j in jobs}  # each returns only once all three ran at once
+    assert len(pids) == 1  # one worker
+
+
+def test_async_functions_run_side_by_side_on_one_worker(client, name, tmp_path):
+    """Found: two async jobs at once on a worker with max_concurrency > 1 shared one event
+    loop across its threads ("This event loop is already running")."""
+
+    @Endpoint(name=name, workers=1, max_concurrency=2)
+    async def anap(folder, me):
+        import asyncio
+
+        await asyncio.sleep(0)
+        return meet(folder, me, 1 if folder.endswith("first") else 2)
+
+    first = tmp_path / "first"
+    first.mkdir()
+    anap.submit(str(first), 0).result(timeout=60)  # the worker's event loop exists now
+    jobs = [anap.submit(str(tmp_path), i) for i in range(2)]
+    assert len({j.result(timeout=60) for j in jobs}) == 1
 
 
 def test_a_client_on_another_host_gets_large_results_inline(server, monkeypatch, name):

@@ -156,7 +156,8 @@ def test_deploy_py_functions_classes_async_over_http(server, tmp_path, name):
             assert bad["status"] == "FAILED"
             assert "__call__, add, reset" in bad["error"], bad
             wrong = runsync(h, c, {"k": 1})
-            assert wrong["status"] == "FAILED" and '"args"' in wrong["error"], wrong
+            assert wrong["status"] == "FAILED", wrong
+            assert '"args"' in json.loads(wrong["error"])["error_message"], wrong
 
             gen = runsync(h, f"{name}-count", {"n": 3})
             assert gen["output"] == [{"i": 0}, {"i": 1}, {"i": 2}]

@@ -157,11 +157,15 @@ def test_generator_handler_streams_chunks(client, api, name, tmp_path):
     final = poll(api, name, jid)
     assert final["status"] == "COMPLETED"
     assert final["output"] == [{"token": i} for i in range(4)]
+    # As on Runpod, each call hands out the chunks not handed out yet; then none, with the
+    # final status (which is how Runpod's client knows the stream has ended).
     s = api.get(f"/v2/{name}/stream/{jid}").json()
-    assert s["status"] == "COMPLETED"
-    assert s["stream"] == [{"output": {"token": i}} for i in range(4)]
-    # POST works too (Runpod accepts both).
-    assert api.post(f"/v2/{name}/stream/{jid}").json() == s
+    assert s == {"status": "COMPLETED", "stream": [{"output": {"token": i}} for i in (1, 2, 3)]}
+    assert api.get(f"/v2/{name}/stream/{jid}").json() == {"status": "COMPLETED", "stream": []}
+    # ?all=1: every chunk so far. POST works too (Runpod accepts both).
+    every = {"status": "COMPLETED", "stream": [{"output": {"token": i}} for i in range(4)]}
+    assert api.get(f"/v2/{name}/stream/{jid}", params={"all": "1"}).json() == every
+    assert api.post(f"/v2/{name}/stream/{jid}?all=true").json() == every
 
 
 def test_failures_are_reported_as_failed_jobs(client, api, name):

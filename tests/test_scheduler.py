@@ -10,6 +10,7 @@ import inspect
 import pytest
 from fake_provider import FakeProvider, Harness
 
+from flash_jupyter.config import EndpointConfig
 from flash_jupyter.providers import base
 from flash_jupyter.providers.local import LocalProvider
 from flash_jupyter.server import model as m
@@ -775,3 +776,32 @@ def test_the_ray_provider_implements_the_seam():
         want = getattr(base.Provider, name, None) or getattr(base.OptionalProvider, name)
         got = list(inspect.signature(getattr(cls, name)).parameters)
         assert got == list(inspect.signature(want).parameters), name
+
+
+def test_low_priority_jobs_run_on_workers_that_are_up_and_never_scale_up(h):
+    """Runpod's lowPriority: such a job waits for a worker started for ``min`` or for other
+    jobs; it makes no worker start by itself."""
+    h.cp.put_function("fnhash", "cloudpickle", [b"fn"])
+    h.cp.deploy(EndpointConfig.build("lp", workers=(0, 2), idle_timeout=10), handler="fnhash")
+    h.settle()
+
+    def json_job(low: bool) -> m.Job:
+        body = {"input": {}, "policy": {"lowPriority": True}} if low else {"input": {}}
+        job = h.cp.submit("lp", "json", body, job_id=f"lp-{len(h.cp.jobs)}")
+        h.settle()
+        return job
+
+    lows = [json_job(True), json_job(True)]
+    h.advance(1.0)
+    assert h.provider.started == [] and all(j.status == m.IN_QUEUE for j in lows)
+    normal = json_job(False)  # one normal job: one worker, no more
+    assert h.provider.started == [("lp-1", 1)]
+    [w] = h.connect_all()
+    order = []
+    while w.pending():
+        for jid in w.pending():
+            order.append(jid)
+            w.done(jid)
+        h.settle()
+    assert order == [normal.id] + [j.id for j in lows]  # the normal job first, then the others
+    assert h.provider.started == [("lp-1", 1)]  # the low ones ran there, nothing else started

@@ -15,6 +15,7 @@ def add_parsers(sub: Any) -> None:
         "deploy",
         help="register every endpoint of a file with the control plane, callable over HTTP",
         description="Find every @Endpoint function and class and every %%flash cell of PATH "
+        "(or a Runpod worker file: one that calls runpod.serverless.start) "
         "(without running it), build their environments, create, update or reuse each "
         "endpoint at its settings with a handler that answers /v2/NAME/run, bring up its "
         "min workers, and print its URLs and a curl line.",

@@ -24,7 +24,7 @@ from . import handlers
 
 Echo = Callable[[str], None]
 
-SERVES = {"function": "function", "class": "class", "cell": "cells"}
+SERVES = {"function": "function", "class": "class", "cell": "cells", "runpod": "function"}
 READY_TIMEOUT = 120.0  # seconds deploy waits for `min` workers before moving on
 
 
@@ -106,6 +106,10 @@ def _handler(f: Any, digests: dict[str, str]) -> Any:
     else:  # a plain file: its text as deployed travels with the handler
         code = Path(file).read_text(encoding="utf-8")
         digest = handlers.digest_of([code])
+    if f.kind == "runpod":  # a Runpod worker file: its start() config's handler
+        from ..runpod_worker.handler import RunpodHandler
+
+        return RunpodHandler(file, f.module_name, code, digest)
     make = handlers.call_method if f.kind == "class" else handlers.call_function
     return make(file, f.module_name, f.qualname, code, digest)
 
@@ -232,8 +236,9 @@ def register_all(
         if found.problems:
             raise errors.ConfigError(f"{path}: nothing to deploy "
                                      f"({_count(found.problems, 'problem')} above)")  # fmt: skip
-        raise errors.ConfigError(f"{path}: no @Endpoint functions or classes and no %%flash "
-                                 f"cells found")  # fmt: skip
+        raise errors.ConfigError(f"{path}: no @Endpoint functions or classes, no %%flash "
+                                 f"cells and no runpod.serverless.start(...) call "
+                                 f"found")  # fmt: skip
     plan = targets(found.endpoints)
     if build:
         build_environments([f for t in plan for f in t.found], echo, client)
@@ -385,7 +390,7 @@ def params_example(params: list[Any] | None) -> dict[str, Any]:
 
 def example_input(t: Target) -> dict[str, Any]:
     f = t.found[0]
-    if t.kind == "function":
+    if t.kind in ("function", "runpod"):  # runpod: the keys its handler reads from input
         return params_example(getattr(f, "params", None))
     if t.kind == "class":
         methods = f.methods or {}

@@ -125,6 +125,10 @@ def input_model(t: dep.Target) -> Any:
             "init": (dict[str, Any], Field(default_factory=dict, description=(
                 "the constructor's keyword arguments (one instance per worker and init)"))),
         }  # fmt: skip
+    elif t.kind == "runpod":  # the keys its handler reads from job["input"], read statically
+        extra = "allow"
+        for p in getattr(f, "params", None) or []:
+            fields[p.name] = (Any, None if dep.is_missing(p.default) else p.default)
     else:  # cells: the names they read are the variables a request gives
         extra = "allow"
         for n in dep.cell_inputs([x.source or "" for x in t.found]):

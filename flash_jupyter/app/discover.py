@@ -9,7 +9,9 @@ a model, and a script's may start a server. What is recognised:
   ``@fj.Endpoint``); ``ep = Endpoint(...)`` then ``@ep``; ``x = Endpoint(...)(fn)``;
 - in a notebook, ``%%flash`` cells (their first line read as the magic reads it:
   ``magic_line``), after the ``%flash config`` defaults of earlier cells, and ``@Endpoint``
-  code in ordinary cells (the notebook is one namespace, its cells read in order).
+  code in ordinary cells (the notebook is one namespace, its cells read in order);
+- a Runpod serverless worker file (it calls ``runpod.serverless.start(...)`` and does not use
+  flash_jupyter's ``Endpoint``): one endpoint named after the file (``runpod_worker.static``).
 
 Settings must be literals (``ast.literal_eval``: numbers, strings, tuples, lists, dicts of
 them). One that is not (``gpu=GPU_TYPE``) is a problem naming its place and the other way to
@@ -362,6 +364,8 @@ class _Reader:
         scope = _Scope()
         scope.imports(tree)
         self.module(tree, text, scope, f, None, module, root)
+        if not scope.endpoint_names and not scope.module_names:  # no @Endpoint: Runpod's?
+            self.runpod_file(tree, text, f, module, root)
 
     def notebook(self, f: Path) -> None:
         try:
@@ -616,6 +620,67 @@ class _Reader:
             is_async=isinstance(target, ast.AsyncFunctionDef), root=root,
         ))  # fmt: skip
 
+    # -- Runpod worker files
+    def runpod_file(
+        self, tree: ast.Module, text: str, f: Path, module: str | None, root: Path | None
+    ) -> None:
+        """A file that calls ``runpod.serverless.start(...)``: one endpoint, named after
+        the file, whose handler is the one the file gives Runpod (``runpod_worker``)."""
+        from ..runpod_worker import static
+
+        info = static.read(tree, text)
+        if info is None:
+            return
+        where = _place(f, None, info.line)
+        name = (module or "").rpartition(".")[2] or f.stem
+        settings: dict[str, Any] = {}
+        reqs = static.requirements(f.parent)
+        if reqs is not None:
+            path, deps, notes = reqs
+            if deps:
+                settings["dependencies"] = deps
+            self.d.notes += [f"{_show(path.parent)}{os.sep}{n}" for n in notes]
+        for n in info.notes:
+            self.d.notes.append(f"{where}: {n}")
+        extra = self._override(name)
+        given_by_set = set(extra)
+        if "name" in extra:
+            name = extra.pop("name")
+        if info.concurrency is not None:
+            settings["max_concurrency"] = info.concurrency
+        elif info.modifier is not None and "max_concurrency" not in given_by_set:
+            self.d.problems.append(
+                f"{where}: concurrency_modifier={info.modifier} does not return a number "
+                f"written in the file (it is only known when the file runs): give the most "
+                f"jobs one worker may run at once with --set {name}.max_concurrency=N; the "
+                f"worker still asks {info.modifier} before each job, within that"
+            )
+            return
+        settings.update(extra)
+        deps = settings.get("dependencies") or ()
+        if not any(_requirement_name(d) == "runpod" for d in deps) and not _importable("runpod"):
+            self.d.notes.append(
+                f"{where}: the runpod package is not installed here and the file's "
+                f"requirements.txt does not list it: add runpod to it (or --set "
+                f"{name}.deps=runpod), or the worker cannot run the file"
+            )
+        try:
+            config = EndpointConfig.build(name, **settings)
+        except ConfigError as e:
+            hint = f" (name it with --set {f.stem}.name=NAME)" if "name" in str(e) else ""
+            self.d.problems.append(f"{where}: endpoint {name!r}: {e}{hint}")
+            return
+        params = [
+            Param(k.name, None, k.default if k.has_default else MISSING, "keyword_only",
+                  repr(k.default) if k.has_default else None)
+            for k in info.inputs
+        ]  # fmt: skip
+        self.d.endpoints.append(Found(
+            name=name, kind="runpod", settings=settings, config=config, file=f,
+            qualname=info.handler or "handler", module_name=module, cell_index=None,
+            source=None, line=info.line, params=params, is_async=info.is_async, root=root,
+        ))  # fmt: skip
+
     # -- overrides and checks
     def _override(self, name: str) -> dict[str, Any]:
         extra = self.overrides.get(name)
@@ -652,6 +717,21 @@ class _Reader:
                     f"{e.where}: endpoint {e.name!r} is also {other.where} ({_what(other)}); "
                     "from Python both work, but HTTP can call only one: give one another name="
                 )
+
+
+def _requirement_name(req: str) -> str:
+    """``runpod>=1.7; python_version>'3.9'`` -> ``runpod`` (normalised as pip compares)."""
+    m = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", req)
+    return re.sub(r"[-_.]+", "-", m.group(1)).lower() if m else ""
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _what(e: Found) -> str:

@@ -21,6 +21,7 @@ Time is read through ``cp.clock`` (monotonic: idle timeouts, backoff, deadlines)
 from __future__ import annotations
 
 import asyncio
+import heapq
 import math
 import sys
 import time
@@ -34,6 +35,7 @@ from ..config import EndpointConfig
 from ..errors import ConfigError
 from ..providers.base import Allocation, PlacementError, Provider
 from . import model as m
+from . import policy as job_policy
 from .billing import Ledger
 from .budget import Budget
 from .events import EventBus
@@ -43,6 +45,7 @@ from .scheduler import Scheduler
 from .spool_keeper import SpoolKeeper
 from .store import Store
 from .views import Views
+from .webhooks import Delivery, Webhooks
 
 RECENT_JOBS = 10_000  # finished jobs kept in memory; older ones are read from the store
 RESULT_TTL = 30 * 60  # seconds a finished job stays queryable (Runpod keeps /run results 30 min)
@@ -96,6 +99,8 @@ class ControlPlane(Views, SpoolKeeper):
         self.ledger = Ledger(self)
         self.budget = Budget(self)  # the spending guard (budget.py)
         self.progress = Progress(self)  # where a job stands, for callers asking (progress.py)
+        self.webhooks = Webhooks(self)  # a request's webhook, called when its job ends
+        self._expiry: list[tuple[float, str]] = []  # (wall time, job id): policy.ttl, a heap
 
     # ------------------------------------------------------------------ startup
     async def start(self) -> None:
@@ -124,6 +129,8 @@ class ControlPlane(Views, SpoolKeeper):
         for row in self.store.load_jobs(recent=RECENT_JOBS):
             ep = self.endpoints.get(row["endpoint"])
             job = _job_from_row(row)
+            if job.kind == "json" and len(job.body) > 1:
+                self._request_options(job, job.status not in m.TERMINAL)
             if job.status in m.TERMINAL:
                 _forget_inputs(job)
                 self.jobs[job.id] = job
@@ -141,6 +148,10 @@ class ControlPlane(Views, SpoolKeeper):
                 self.store.update_job(job)
             if job.status == m.IN_QUEUE and ep is not None:
                 ep.queue.append(job.id)
+        for ep in self.endpoints.values():
+            if any(self.jobs[j].low for j in ep.queue if j in self.jobs):
+                ep.has_low = True
+                ep.queue = type(ep.queue)(sorted(ep.queue, key=lambda j: self.jobs[j].low))
         self.clean_spool()
         keep = {ep.handler for ep in self.endpoints.values() if ep.handler}
         keep.update(j.fn for j in self.jobs.values() if j.fn and j.status not in m.TERMINAL)
@@ -160,6 +171,7 @@ class ControlPlane(Views, SpoolKeeper):
         close = getattr(self.provider, "close", None)
         if close is not None:
             close()
+        await self.webhooks.close()
         live = [w for ep in self.endpoints.values() for w in ep.workers.values() if w.live]
         for w in live:
             self.lifecycle.stop(w, "control plane stopping", requeue=True)
@@ -361,16 +373,41 @@ class ControlPlane(Views, SpoolKeeper):
             raise ValueError(f"job id {jid!r} already exists")
         job = m.Job(jid, endpoint, kind, fn, body, created=self.wall(), owner=owner)
         job.progress = progress and owner is not None
+        if kind == "json" and len(body) > 1:  # a request's webhook or policy (checked)
+            self._request_options(job, True)
         # The store serializes the job first: a body it cannot take raises here, before the
         # job is anywhere (no queued id nobody was told of, no worker left holding it).
         self.store.insert_job(job, after=on_commit)
         self.jobs[jid] = job
-        ep.queue.append(jid)
+        queue = ep.queue
+        ep.has_low = ep.has_low or job.low
+        if queue and not job.low and (last := self.jobs.get(queue[-1])) and last.low:
+            queue.insert(self._before_low(queue), jid)  # ahead of the low-priority jobs
+        else:
+            queue.append(jid)
         if job.progress:
             ep.progress_jobs.add(jid)
         self._publish_job(job)
         self.kick(endpoint)
         return job
+
+    def _request_options(self, job: m.Job, unfinished: bool) -> None:
+        """Set a JSON job's fields from its request's ``policy`` and ``webhook`` (in normal
+        form: checked at the door, kept in its body so a restart reads them back)."""
+        body = job.body
+        if body.get("policy"):
+            job_policy.apply(job, body["policy"])
+            if job.expires is not None:
+                heapq.heappush(self._expiry, (job.expires, job.id))
+        if unfinished and body.get("webhook"):
+            job.hook = Delivery(body["webhook"])
+
+    def _before_low(self, queue: Any) -> int:
+        """Where a job without lowPriority goes: before the low-priority jobs at the end."""
+        i = len(queue) - 1
+        while i > 0 and (j := self.jobs.get(queue[i - 1])) is not None and j.low:
+            i -= 1
+        return i
 
     def find_job(self, job_id: str) -> m.Job | None:
         """A job in memory, or a finished one from the store (older than the recent few)."""
@@ -479,8 +516,38 @@ class ControlPlane(Views, SpoolKeeper):
                 fut.set_result(job)
         job.waiters.clear()
         self._publish_job(job)
+        if job.hook is not None:
+            self.webhooks.send(job)  # in the background: the job is over already
+        if job.expires is not None and job.expires <= self.wall():
+            self.forget(job)  # it ran past its ttl: its record goes now that it is over
         if ep is not None:
             self.kick(ep.name)
+
+    def forget(self, job: m.Job) -> None:
+        """Drop a finished job's record now (policy.ttl): /status then answers 404."""
+        if self.jobs.get(job.id) is job:
+            del self.jobs[job.id]
+        self._drop_results(job)
+        self.store.delete_job(job.id)
+
+    def _expire(self, now: float) -> None:
+        """Jobs whose policy.ttl has passed: a queued one ends TIMED_OUT, then every one
+        that is over is forgotten (a running one when it ends: ``_finish``)."""
+        while self._expiry and self._expiry[0][0] <= now:
+            _, jid = heapq.heappop(self._expiry)
+            job = self.jobs.get(jid)
+            if job is None or job.expires is None or job.expires > now:
+                continue
+            if job.status == m.IN_QUEUE:
+                ep = self.endpoints.get(job.endpoint)
+                if ep is not None and jid in ep.queue:
+                    ep.queue.remove(jid)
+                ttl = (job.expires - job.created) * 1000
+                self._finish(job, m.TIMED_OUT, error={
+                    "type": "Expired", "message": f"its policy.ttl of {ttl:.0f} ms passed "
+                    f"before a worker took it; the job expired"})  # fmt: skip
+            elif job.status in m.TERMINAL:
+                self.forget(job)
 
     # ------------------------------------------------------------------ scheduling
     def quiet(self, seconds: float = 0.3) -> bool:
@@ -521,6 +588,8 @@ class ControlPlane(Views, SpoolKeeper):
         self.scheduler.tick()
         if self.budget.active:
             self.budget.evaluate()  # publishes only when a state changes
+        if self._expiry and self._expiry[0][0] <= self.wall():
+            self._expire(self.wall())
         now = self.clock()
         if now - self._last_prune > 60:
             self._last_prune = now

@@ -31,6 +31,7 @@ from ..config import EndpointConfig
 from ..errors import BudgetExceeded, ConfigError
 from ..providers.base import PlacementError
 from . import model as m
+from . import policy
 from .control import ControlPlane, NotFound
 
 RUNSYNC_WAIT = 90.0
@@ -278,6 +279,18 @@ def build_app(cp: ControlPlane, token: str, info: dict[str, Any]) -> Any:
             what = f"a number of milliseconds from 0 to {hi:.0f}"
         raise HTTPError(400, f"{name} must be {what}, not {raw!r}")
 
+    def query_flag(request: Request, name: str) -> bool:
+        """A yes/no query parameter: 1, true, yes or 0, false, no (absent: no); else 400."""
+        raw = request.query_params.get(name)
+        if raw is None:
+            return False
+        v = raw.strip().lower()
+        if v in ("1", "true", "yes"):
+            return True
+        if v in ("0", "false", "no", ""):
+            return False
+        raise HTTPError(400, f"{name} must be 1 or 0 (true or false), not {raw[:40]!r}")
+
     def guard(fn):
         async def wrapped(request: Request) -> Response:
             try:
@@ -294,13 +307,22 @@ def build_app(cp: ControlPlane, token: str, info: dict[str, Any]) -> Any:
         return wrapped
 
     def job_input(body: Any) -> dict[str, Any]:
+        """A /run or /runsync body as the job keeps it: its input, and Runpod's ``webhook``
+        and ``policy`` in normal form, all checked here (other fields are ignored)."""
         if not isinstance(body, dict) or "input" not in body:
             raise HTTPError(400, 'body must be a JSON object with an "input" field')
         if not isinstance(body["input"], dict):
             raise HTTPError(
                 400, '"input" must be a JSON object (the function\'s keyword arguments)'
             )
-        return {"input": body["input"]}
+        job = {"input": body["input"]}
+        if len(body) > 1:
+            if body.get("webhook") is not None:
+                job["webhook"] = cp.webhooks.check(body["webhook"])
+            pol = policy.check(body.get("policy"))
+            if pol:
+                job["policy"] = pol
+        return job
 
     # -- liveness and info
     async def ping(request: Request) -> Response:
@@ -359,9 +381,16 @@ def build_app(cp: ControlPlane, token: str, info: dict[str, Any]) -> Any:
 
     @guard
     async def stream(request: Request) -> Response:
+        """Runpod's: the chunks not handed out yet (a cursor per job), then, once the job
+        is over and every chunk is out, none and the final status. ``?all=1``: every chunk
+        so far, the cursor left where it is."""
+        every = query_flag(request, "all")
         job = cp.job(request.path_params["job"], request.path_params["name"])
-        chunks = [{"output": c} for c in job.stream]
-        return JSONResponse({"status": job.status, "stream": chunks})
+        chunks = job.stream
+        if not every:
+            start, job.stream_read = job.stream_read, len(chunks)
+            chunks = chunks[start:]
+        return JSONResponse({"status": job.status, "stream": [{"output": c} for c in chunks]})
 
     @guard
     async def cancel(request: Request) -> Response:

@@ -66,6 +66,13 @@ class Job:
     spare: str | None = None  # its worker came from a spare: "preloaded", "plain" (cold)
     progress: bool = False  # its caller asked for progress frames
     progress_last: tuple | None = None  # the last progress frame sent (status, phase, worker)
+    update: Any = None  # runpod.serverless.progress_update's last value: /status output meanwhile
+    stream_read: int = 0  # chunks /stream has handed out (Runpod's cursor: each one once)
+    # A request's Runpod options (policy.py, webhooks.py); None/False when it gave none.
+    timeout: float | None = None  # policy.executionTimeout, seconds (over the endpoint's)
+    expires: float | None = None  # policy.ttl: wall time when the job is forgotten
+    low: bool = False  # policy.lowPriority: queued behind the others
+    hook: Any = None  # webhooks.Delivery: where its final status goes, and how that went
 
     @property
     def delay_ms(self) -> int | None:
@@ -170,6 +177,7 @@ class EndpointState:
     cold_ms_total: float = 0.0
     last_cold_ms: float | None = None
     progress_jobs: set[str] = field(default_factory=set)  # unfinished jobs asking progress
+    has_low: bool = False  # a lowPriority job was queued (scaling then skips those: scheduler)
 
     @property
     def name(self) -> str:

@@ -62,12 +62,11 @@ class Scheduler:
                    if w.state == m.THROTTLED and not w.live])  # fmt: skip
 
     def _timeout(self, job: m.Job, w: m.Worker, ep: m.EndpointState) -> None:
-        limit = ep.config.execution_timeout
-        self.cp._finish(
-            job,
-            m.TIMED_OUT,
-            error={"message": f"execution_timeout of {limit:g} s exceeded; worker recycled"},
-        )
+        if job.timeout:  # the request's policy.executionTimeout
+            what = f"policy.executionTimeout of {job.timeout * 1000:.0f} ms"
+        else:
+            what = f"execution_timeout of {ep.config.execution_timeout:g} s"
+        self.cp._finish(job, m.TIMED_OUT, error={"message": f"{what} exceeded; worker recycled"})
         self.cp.lifecycle.stop(w, f"job {job.id} timed out", kill=True, requeue=True)
 
     # ------------------------------------------------------------------ scaling
@@ -85,7 +84,7 @@ class Scheduler:
             self.pump(ep)  # first: cells bound to a vanished worker fail, not scale up
         workers = list(ep.workers.values())
         current = _current(ep)
-        want = _want(ep, current)
+        want = _want(ep, current, cp.jobs)
         need = want - len(current)
         if need > 0:
             for w in self._startable(ep, now)[:need]:
@@ -153,7 +152,7 @@ class Scheduler:
         if self.cp.budget.blocks(ep.name):
             return 0.0
         current = _current(ep)
-        surplus = len(current) - _want(ep, current)
+        surplus = len(current) - _want(ep, current, self.cp.jobs)
         if surplus <= 0:
             return None
         idle = [x for x in current if x.ready and not x.jobs]
@@ -294,8 +293,9 @@ class Scheduler:
         job.cold = w.jobs_run == 0 and w.ready_at is not None and job.created < w.ready_at
         job.cold_start_ms = w.cold_start_ms if job.cold else None
         now = cp.clock()
-        if ep.config.execution_timeout:
-            job.deadline = now + ep.config.execution_timeout
+        limit = job.timeout or ep.config.execution_timeout  # a request's policy first
+        if limit:
+            job.deadline = now + limit
         w.jobs_run += 1
         job.run_index = w.jobs_run
         w.jobs.add(job.id)
@@ -371,8 +371,20 @@ def _current(ep: m.EndpointState) -> list[m.Worker]:
     return [w for w in ep.workers.values() if w.live and w.state != m.OUTDATED and not w.stopping]
 
 
-def _want(ep: m.EndpointState, current: list[m.Worker]) -> int:
+def _want(ep: m.EndpointState, current: list[m.Worker], jobs: dict[str, m.Job]) -> int:
     """How many workers the endpoint wants now: its queue and jobs, within min..max."""
     cfg = ep.config
-    demand = len(ep.queue) + sum(len(w.jobs) for w in current)
+    demand = _scaling_queue(ep, jobs) + sum(len(w.jobs) for w in current)
     return max(cfg.workers_min, min(cfg.workers_max, math.ceil(demand / cfg.max_concurrency)))
+
+
+def _scaling_queue(ep: m.EndpointState, jobs: dict[str, m.Job]) -> int:
+    """Queued jobs that may make the endpoint scale up: not those with ``lowPriority``
+    (Runpod's rule: they run on workers that are up, started for ``min`` or other jobs).
+    They queue at the end, so only that run of the queue is read."""
+    n = len(ep.queue)
+    if not ep.has_low:
+        return n
+    while n and (job := jobs.get(ep.queue[n - 1])) is not None and job.low:
+        n -= 1
+    return n

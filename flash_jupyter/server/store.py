@@ -306,6 +306,9 @@ class Store:
              job.id),
         )  # fmt: skip
 
+    def delete_job(self, job_id: str) -> None:
+        self.write("DELETE FROM jobs WHERE id=?", (job_id,))
+
     def delete_jobs_before(self, t: float) -> None:
         self.write("DELETE FROM jobs WHERE finished IS NOT NULL AND finished < ?", (t,))
 

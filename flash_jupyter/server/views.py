@@ -9,6 +9,7 @@ from typing import Any
 
 from ..config import EndpointConfig
 from . import model as m
+from .runpod_errors import runpod_error
 
 PHASES = ("environment", "process", "code")  # a cold start's phases, in order
 
@@ -45,11 +46,18 @@ class Views:
                 d["hardware"] = job.hardware
         if job.status == m.COMPLETED and job.kind == "json" and job.result is not None:
             d["output"] = job.result.get("output")
+        elif job.update is not None and job.status == m.IN_PROGRESS:
+            d["output"] = job.update  # progress_update's, as Runpod's /status shows it
         if job.error is not None:
             if job.kind == "json":
-                d["error"] = job.error.get("message")
+                if job.status == m.FAILED:  # as Runpod's workers report it (runpod_errors.py)
+                    d["error"] = runpod_error(job.error, job.worker_id)
+                else:
+                    d["error"] = job.error.get("message")
             else:  # JSON-safe: the pickled exception itself only travels on the wire
                 d["error"] = {k: v for k, v in job.error.items() if k != "exc"}
+        if job.hook is not None:  # its webhook's delivery (webhooks.py)
+            d["webhook"] = job.hook.view()
         d["retries"] = job.retries
         d["cold"] = job.cold
         if job.cold_start_ms is not None:

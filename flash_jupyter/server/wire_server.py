@@ -211,7 +211,7 @@ class Connection:
                 _, w = self.cp.lifecycle.find(*self.worker)
                 if w is not None:
                     self.cp.lifecycle.code_loaded(w)
-        elif op in ("out", "display", "chunk"):
+        elif op in ("out", "display", "chunk", "progress"):
             cp = self.cp
             job = cp.jobs.get(meta["id"])
             if job is None or job.worker_id != self.worker[0]:
@@ -231,6 +231,10 @@ class Connection:
                 if cp.events.active:
                     text = (meta.get("data") or {}).get("text/plain", "")
                     cp.events.publish("display", endpoint=job.endpoint, job=job.id, text=text)
+            elif op == "progress":  # runpod.serverless.progress_update (runpod_worker)
+                if job.status == m.IN_PROGRESS:
+                    job.update = meta["output"]
+                    cp._publish_job(job)
             else:
                 job.stream.append(meta["output"])
                 cp.events.publish("chunk", job=job.id, endpoint=job.endpoint)

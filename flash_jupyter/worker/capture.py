@@ -1,12 +1,13 @@
 """Stream a job's stdout and stderr to its caller while it runs.
 
 ``sys.stdout``/``sys.stderr`` are replaced by writers that know which job the current
-thread runs. Complete lines (and carriage-return progress updates) leave at once; a partial
-line leaves on ``flush()``, when the job ends, or after ``LINGER`` seconds.
+thread (or asyncio task) runs. Complete lines (and carriage-return progress updates) leave at
+once; a partial line leaves on ``flush()``, when the job ends, or after ``LINGER`` seconds.
 """
 
 from __future__ import annotations
 
+import contextvars
 import io
 import os
 import sys
@@ -14,6 +15,10 @@ import threading
 from collections.abc import Callable
 
 LINGER = 0.05
+
+# The job the running code belongs to: per thread, and inherited by the asyncio tasks a job
+# starts on another thread's loop (a Runpod worker's async handlers share one loop).
+_JOB: contextvars.ContextVar[str | None] = contextvars.ContextVar("flash_jupyter_job", default=None)
 
 
 class _JobStream(io.TextIOBase):
@@ -68,7 +73,6 @@ class _JobStream(io.TextIOBase):
 class OutputCapture:
     def __init__(self, send: Callable[[str, str, str], None]):
         self.send = send
-        self.local = threading.local()
         self.stdout: _JobStream | None = None
         self.stderr: _JobStream | None = None
         self._timer: threading.Timer | None = None
@@ -80,10 +84,10 @@ class OutputCapture:
         sys.stdout, sys.stderr = self.stdout, self.stderr  # type: ignore[assignment]
 
     def job_id(self) -> str | None:
-        return getattr(self.local, "job", None)
+        return _JOB.get()
 
     def begin(self, job_id: str) -> None:
-        self.local.job = job_id
+        _JOB.set(job_id)
 
     def end(self) -> None:
         jid = self.job_id()
@@ -91,7 +95,7 @@ class OutputCapture:
             for s in (self.stdout, self.stderr):
                 if s is not None:
                     s.flush(jid)
-        self.local.job = None
+        _JOB.set(None)
 
     def schedule_flush(self) -> None:
         with self._timer_lock:

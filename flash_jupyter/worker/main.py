@@ -145,6 +145,24 @@ def _cuda_initialized() -> bool:
         return False
 
 
+class JobIO:
+    """A running job's channel to the control plane, for a handler that takes the whole job
+    (``takes_job``: a Runpod worker file's, called as ``run_job({"id", "input"}, io)``):
+    ``chunk`` streams one item (``/stream``), ``progress`` sets what ``/status`` shows as the
+    job's output while it runs. Both may be called from any thread."""
+
+    __slots__ = ("conn", "job_id", "worker_id")
+
+    def __init__(self, conn: SyncConnection, job_id: str, worker_id: str):
+        self.conn, self.job_id, self.worker_id = conn, job_id, worker_id
+
+    def chunk(self, output: Any) -> None:
+        self.conn.send({"op": "chunk", "id": self.job_id, "output": output})
+
+    def progress(self, output: Any) -> None:
+        self.conn.send({"op": "progress", "id": self.job_id, "output": output})
+
+
 class Worker:
     def __init__(self, conn: SyncConnection, spec: dict[str, Any]):
         self.conn = conn
@@ -158,6 +176,10 @@ class Worker:
         )
         self.inbox: queue.SimpleQueue[tuple[dict[str, Any], list[Any]] | None] = queue.SimpleQueue()
         self.fns: OrderedDict[str, Any] = OrderedDict()
+        # Jobs running at once (max_concurrency > 1): a function arrives with the first job
+        # that needs it; the others wait here while that job's thread loads it.
+        self.fns_ready = threading.Condition()
+        self.fns_loading: dict[str, int] = {}  # function hash -> its jobs in the pool
         self.instances: dict[tuple[str, str], Any] = {}
         self.cancelled: set[str] = set()
         self.cells: Any = None  # notebook namespaces, made for the first %%flash cell
@@ -170,6 +192,7 @@ class Worker:
         self.capture = OutputCapture(self._send_output)
         self.fds: FdCapture | None = None
         self.loop: Any = None  # an asyncio loop, made for the first async job
+        self._thread_loops = threading.local()  # pool threads' own loops (_event_loop)
         self.imports: ImportLog | None = None
         conc = int(spec.get("max_concurrency") or 1)
         self.pool = None
@@ -255,6 +278,7 @@ class Worker:
                         self.cells.forget(session)
                 continue
             if self.pool is not None:
+                self._loading(meta, +1)  # before any later job can look for its function
                 self.pool.submit(self._run_one_threaded, meta, bufs)
                 continue
             self._run_one(meta, bufs)
@@ -278,7 +302,10 @@ class Worker:
             raise Cancelled()
 
     def _run_one_threaded(self, meta: dict[str, Any], bufs: list[Any]) -> None:
-        out_meta, out_bufs = self._execute(meta, bufs)
+        try:
+            out_meta, out_bufs = self._execute(meta, bufs)
+        finally:
+            self._loading(meta, -1)
         self.conn.send(note_gpu_memory(out_meta), out_bufs)
         if self.imports is not None:
             with self.lock:
@@ -336,14 +363,38 @@ class Worker:
         if h is not None and h in self.fns:
             self.fns.move_to_end(h)
             return self.fns[h]
+        if "fnrefs" not in meta:  # it came with another job: wait while that one loads it
+            with self.fns_ready:
+                self.fns_ready.wait_for(lambda: h in self.fns or h not in self.fns_loading)
+                fn = self.fns.get(h)
+            if fn is None:
+                raise RuntimeError("this worker does not hold the endpoint's function (the "
+                                   "job that brought it failed to load it)")  # fmt: skip
+            return fn
         refs = meta["fnrefs"]
         blobs = [self._open(r, bufs) for r in refs]
         fn = wire.loads(blobs[0], blobs[1:], meta.get("fnc", "cloudpickle"))
         if h is not None:
-            self.fns[h] = fn
-            if len(self.fns) > FN_CACHE:
-                self.fns.popitem(last=False)
+            with self.fns_ready:
+                self.fns[h] = fn
+                if len(self.fns) > FN_CACHE:
+                    self.fns.popitem(last=False)
+                self.fns_ready.notify_all()
         return fn
+
+    def _loading(self, meta: dict[str, Any], delta: int) -> None:
+        """A pool job bringing its function starts (+1) or ends (-1): jobs needing that
+        function wait until it is loaded or its job is over."""
+        h = meta.get("fn")
+        if h is None or "fnrefs" not in meta:
+            return
+        with self.fns_ready:
+            n = self.fns_loading.get(h, 0) + delta
+            if n > 0:
+                self.fns_loading[h] = n
+            else:
+                self.fns_loading.pop(h, None)
+                self.fns_ready.notify_all()
 
     def _execute(self, meta: dict[str, Any], bufs: list[Any]) -> tuple[dict[str, Any], list[Any]]:
         jid = meta["id"]
@@ -358,8 +409,12 @@ class Worker:
             if kind == "json":
                 if not self.code_loaded:
                     self._started(jid)
-                value = fn(**(meta.get("input") or {}))
-                value = self._settle(value, jid, stream=True)
+                if getattr(fn, "takes_job", False):  # a Runpod worker file's handler
+                    io = JobIO(self.conn, jid, str(self.spec.get("id", "")))
+                    value = fn.run_job({"id": jid, "input": meta.get("input")}, io)
+                else:
+                    value = fn(**(meta.get("input") or {}))
+                    value = self._settle(value, jid, stream=True)
                 try:
                     json.dumps(value)
                 except (TypeError, ValueError) as e:
@@ -387,7 +442,9 @@ class Worker:
             raise Cancelled() from None
         except BaseException as e:
             _hide_import_hook(e)
-            info = wire.capture_exception(e, skip_frames=_own_frames(e))
+            info = getattr(e, "job_error", None)  # the handler's own record (Runpod's error)
+            if not isinstance(info, dict):
+                info = wire.capture_exception(e, skip_frames=_own_frames(e))
             if isinstance(e, VersionMismatch):
                 info["frames"], info["traceback"] = [], f"VersionMismatch: {e}\n"
             return {"op": "done", "id": jid, "ok": False, "error": info}, []
@@ -436,11 +493,7 @@ class Worker:
 
     def _settle(self, value: Any, jid: str, stream: bool) -> Any:
         if hasattr(value, "__await__"):
-            if self.loop is None:
-                import asyncio
-
-                self.loop = asyncio.new_event_loop()
-            value = self.loop.run_until_complete(_await(value))
+            value = self._event_loop().run_until_complete(_await(value))
         if isinstance(value, types.GeneratorType):
             out = []
             for chunk in value:
@@ -449,6 +502,22 @@ class Worker:
                     self.conn.send({"op": "chunk", "id": jid, "output": chunk})
             value = out
         return value
+
+    def _event_loop(self) -> Any:
+        """The event loop async jobs run on in this thread: one for the main thread, kept
+        for the process (state an async function keeps between calls stays usable), and
+        one per pool thread, since jobs run side by side (``max_concurrency``) cannot
+        share a loop that is running."""
+        import asyncio
+
+        if threading.current_thread() is threading.main_thread():
+            if self.loop is None:
+                self.loop = asyncio.new_event_loop()
+            return self.loop
+        loop = getattr(self._thread_loops, "loop", None)
+        if loop is None:
+            loop = self._thread_loops.loop = asyncio.new_event_loop()
+        return loop
 
 
 async def _await(aw: Any) -> Any:
