@@ -85,6 +85,15 @@ VARS: tuple[Var, ...] = (
         "most spare worker processes at once (at most one per dependency environment, each "
         "counting against `FLASH_JUPYTER_MAX_WORKERS`; see "
         "[spares and preload](#spare-workers-and-preload))", minimum=1),
+    Var("FLASH_JUPYTER_WORKER_LOG_BYTES", INT, 8 << 20, "control plane (local provider)",
+        "`8388608` (8 MiB)",
+        "the most bytes a worker's log keeps (`logs/<worker>.log` and its rotated "
+        "`<worker>.log.1`, newest output kept; see [the data directory](#the-data-directory)). "
+        "`0`: no cap", minimum=0),
+    Var("FLASH_JUPYTER_RESULT_TTL", FLOAT, 1800.0, "control plane", "`1800`",
+        "seconds a finished job stays queryable (its status and result, in memory and in "
+        "`flash.db`) before it is pruned; Runpod keeps `/run` results 30 minutes. Pruning "
+        "runs every minute, or every `RESULT_TTL` seconds when that is shorter", minimum=1),
     Var("FLASH_JUPYTER_PROVIDER", TEXT, "local", "`serve`, and control planes clients start",
         "`local`", "where workers run: `local` (processes on this machine) or `ray` (actors on "
         "a Ray cluster's nodes; see [the Ray provider](#the-ray-provider)). `serve --provider` "

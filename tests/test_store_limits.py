@@ -238,7 +238,8 @@ def test_a_failing_write_does_not_take_its_batch_down(tmp_path):
     store = Store(tmp_path / "flash.db")
     called = []
     try:
-        add = "INSERT INTO ledger VALUES (?,?,?,?,?,?,?,?)"
+        add = ("INSERT INTO ledger(worker_id, endpoint, hardware, emulated, started, stopped, "
+               "seconds, cost) VALUES (?,?,?,?,?,?,?,?)")  # fmt: skip
         store.write(add, ("w-1", "ep", "cpu", 0, 1.0, 2.0, 1, 0.1), after=lambda: called.append(1))
         store.write("INSERT INTO no_such_table VALUES (1)", after=lambda: called.append(2))
         store.write(add, ("w-2", "ep", "cpu", 0, 1.0, 2.0, 1, 0.1), after=lambda: called.append(3))

@@ -26,7 +26,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +43,7 @@ from .exit_reason import exit_reason
 SPARE_DELAY = 0.5  # seconds after an adoption before the next spare may start
 SPARE_PATIENCE = 10.0  # ... and at the latest, busy or not
 SPARE_WAIT = 2.0  # at most this long for a spare that is starting up
+LOG_LOOK = 0.2  # seconds between looks at the sizes of the live processes' logs
 PLAIN = "plain"  # the environment of endpoints without dependencies: this interpreter
 
 
@@ -64,6 +67,92 @@ def detect_gpus() -> list[tuple[int, str, catalog.HardwareType | None]]:
         if idx.strip().isdigit():
             gpus.append((int(idx), name.strip(), catalog.match_smi_name(name.strip())))
     return gpus
+
+
+def rotate_log(path: Path, cap: int) -> bool:
+    """Keep a worker's log under ``cap`` bytes, newest output kept: when ``NAME.log`` holds
+    more than half the cap, its newest half-cap bytes (from a line's start) become
+    ``NAME.log.1`` (replacing the older one) and ``NAME.log`` is emptied. The process keeps
+    writing to it: its descriptor is in append mode, so it writes at the new end.
+
+    A write that lands between the copy and the truncation is lost (as with logrotate's
+    ``copytruncate``): a window of microseconds. True when it rotated."""
+    keep = max(1, cap // 2)
+    try:
+        with open(path, "r+b") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size <= keep:
+                return False
+            f.seek(size - keep)
+            tail = f.read()  # to the end now, writes since the stat included
+            f.truncate(0)
+    except OSError:
+        return False
+    if len(tail) > keep:  # written while we looked: the newest half-cap still
+        tail = tail[-keep:]
+    cut = tail.find(b"\n")
+    if 0 <= cut < len(tail) - 1:
+        tail = tail[cut + 1 :]  # start at a whole line
+    older = path.with_name(path.name + ".1")
+    tmp = path.with_name(f".{path.name}.1.tmp")
+    try:
+        tmp.write_bytes(tail)
+        os.replace(tmp, older)
+    except OSError:
+        pass
+    return True
+
+
+class LogRotator:
+    """A thread that keeps the logs of the processes this provider started under
+    ``FLASH_JUPYTER_WORKER_LOG_BYTES`` (``rotate_log``; ``0``: no cap), looking every
+    ``LOG_LOOK`` seconds while they run and once more after they end. Between rotations it
+    only stats files; the copying happens on this thread, off the control plane's loop."""
+
+    def __init__(self, cap: int):
+        self.cap = cap
+        self.live: dict[Path, int] = {}  # log path -> processes writing it now
+        self.ended: deque[Path] = deque()  # logs to look at once more
+        self.rotations = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def add(self, path: Path) -> None:
+        if self.cap <= 0:
+            return
+        self.live[path] = self.live.get(path, 0) + 1
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, daemon=True, name="log-rotation")
+            self._thread.start()
+
+    def done(self, path: Path) -> None:
+        n = self.live.pop(path, 0) - 1
+        if n > 0:
+            self.live[path] = n
+        elif n == 0:
+            self.ended.append(path)
+
+    def _run(self) -> None:
+        while not self._stop.wait(LOG_LOOK):
+            ended = [self.ended.popleft() for _ in range(len(self.ended))]
+            for path in (*self.live, *ended):
+                if rotate_log(path, self.cap):
+                    self.rotations += 1
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+def _last_written(path: Path) -> Path:
+    """The log holding a process's last words: ``NAME.log``, or ``NAME.log.1`` when a
+    rotation emptied the first just before it ended (within a few looks)."""
+    older = path.with_name(path.name + ".1")
+    try:
+        if os.path.getsize(path) == 0 and time.time() - os.path.getmtime(older) < 5 * LOG_LOOK:
+            return older
+    except OSError:
+        pass
+    return path
 
 
 @dataclass
@@ -156,6 +245,7 @@ class LocalProvider:
         self._wire: tuple[str, int] = ("127.0.0.1", 0)
         self._token = ""
         self._quiet: Callable[[], bool] = lambda: True
+        self.logs = LogRotator(envvars.get("FLASH_JUPYTER_WORKER_LOG_BYTES"))
 
     # -- placement
     def _gpu_indices_for(self, types: tuple[str, ...]) -> list[int]:
@@ -245,9 +335,9 @@ class LocalProvider:
             spare = self._hold(PLAIN, sys.executable, (), ())
             spare.nonce = getattr(prespawned, "_flash_nonce", "")
             spare.proc = prespawned
-            prespawned._flash_watch = asyncio.ensure_future(
-                self._watch(prespawned, self.data_dir / "logs" / "spare.log")
-            )
+            log_path = self.data_dir / "logs" / "spare.log"
+            self.logs.add(log_path)
+            prespawned._flash_watch = asyncio.ensure_future(self._watch(prespawned, log_path))
             self._as_spare(spare)
         elif self.spare_workers:
             await self._spawn_spare(self._hold(PLAIN, sys.executable, (), ()))
@@ -320,6 +410,7 @@ class LocalProvider:
 
     def close(self) -> None:
         self._closing = True
+        self.logs.close()
         for timer in self._pending.values():
             timer.cancel()
         self._pending.clear()
@@ -518,6 +609,7 @@ class LocalProvider:
                 start_new_session=True,  # an interrupt in the notebook's terminal stays there
             )
 
+        self.logs.add(log_path)
         proc._flash_watch = asyncio.ensure_future(self._watch(proc, log_path))
         return proc
 
@@ -527,7 +619,8 @@ class LocalProvider:
             rc = await proc.wait()
         else:  # a subprocess.Popen (the spare started before the loop)
             rc = await asyncio.get_running_loop().run_in_executor(None, proc.wait)
-        reason = exit_reason(rc, log_path)
+        reason = exit_reason(rc, _last_written(log_path))
+        self.logs.done(log_path)
         cb = getattr(proc, "_flash_on_exit", None)
         if cb is not None:
             r = cb(rc, reason)

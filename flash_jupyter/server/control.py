@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from .. import shm
+from .. import envvars, shm
 from ..config import EndpointConfig
 from ..errors import ConfigError
 from ..providers.base import Allocation, PlacementError, Provider
@@ -48,7 +48,7 @@ from .views import Views
 from .webhooks import Delivery, Webhooks
 
 RECENT_JOBS = 10_000  # finished jobs kept in memory; older ones are read from the store
-RESULT_TTL = 30 * 60  # seconds a finished job stays queryable (Runpod keeps /run results 30 min)
+RESULT_TTL = envvars.get("FLASH_JUPYTER_RESULT_TTL")  # finished jobs stay queryable (s)
 TICK = 0.1
 INPUT_PARTS = ("input", "blobs", "fn_blobs")  # what a job holds only until it is over
 
@@ -108,7 +108,11 @@ class ControlPlane(Views, SpoolKeeper):
         self.store.bind_loop(self._loop.call_soon)
         for row in self.store.load_endpoints():
             cfg, dropped = _stored_config(row["config"])
-            ep = m.EndpointState(cfg, row["handler"], row["created"], row["updated"])
+            # By keyword: the third field is ``serves`` (a positional created went there, and
+            # updated became created: the ledger's all-time totals of an endpoint updated
+            # after its workers ran read 0 after a restart).
+            ep = m.EndpointState(cfg, row["handler"], created=row["created"],
+                                 updated=row["updated"])  # fmt: skip
             self.endpoints[cfg.name] = ep
             self._ensure_slots(ep)
             if dropped:
@@ -586,12 +590,13 @@ class ControlPlane(Views, SpoolKeeper):
 
     def _tick(self) -> None:
         self.scheduler.tick()
+        self.ledger.tick()  # open bills' workers alive now: one write per SEEN_EVERY s
         if self.budget.active:
             self.budget.evaluate()  # publishes only when a state changes
         if self._expiry and self._expiry[0][0] <= self.wall():
             self._expire(self.wall())
         now = self.clock()
-        if now - self._last_prune > 60:
+        if now - self._last_prune > min(60, RESULT_TTL):
             self._last_prune = now
             self._prune()
 

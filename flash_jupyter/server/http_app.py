@@ -3,6 +3,7 @@
 Runpod's routes keep their paths and JSON shapes, with the endpoint's name as its id, so
 ``curl -H "Authorization: Bearer $TOKEN" -d '{"input": {...}}' $URL/v2/NAME/runsync`` works
 as it does against api.runpod.ai. Every route but ``GET /ping`` needs the bearer token.
+The routes are described once, in ``openapi.py``: the routing table and ``/openapi.json``.
 
 Requests are checked completely at the door, before anything is recorded (docs/rest-api.md,
 "Limits"): a body size per route, counted while the body streams in (413); JSON nesting
@@ -24,14 +25,13 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse as _StarletteJSONResponse
 from starlette.responses import Response, StreamingResponse
-from starlette.routing import Route
 
 from .. import __version__, envvars
 from ..config import EndpointConfig
 from ..errors import BudgetExceeded, ConfigError
 from ..providers.base import PlacementError
 from . import model as m
-from . import policy
+from . import openapi, policy
 from .control import ControlPlane, NotFound
 
 RUNSYNC_WAIT = 90.0
@@ -517,31 +517,31 @@ def build_app(cp: ControlPlane, token: str, info: dict[str, Any]) -> Any:
         return _error(404, f"no route {request.method} {request.url.path}")
 
     async def bad_method(request: Request, exc: Exception) -> Response:
-        return _error(405, f"method {request.method} not allowed on {request.url.path}")
+        # RFC 9110: a 405 lists what the path allows (all its routes', not only the first's).
+        path = request.scope["path"]
+        allowed = sorted({m for r in routes if r.path_regex.match(path) for m in r.methods})
+        return JSONResponse(
+            {"error": f"method {request.method} not allowed on {request.url.path}"},
+            status_code=405,
+            headers={"Allow": ", ".join(allowed)},
+        )
 
-    routes = [
-        Route("/ping", ping),
-        Route("/v1/info", get_info),
-        Route("/v2/{name}/run", run, methods=["POST"]),
-        Route("/v2/{name}/runsync", runsync, methods=["POST"]),
-        Route("/v2/{name}/status/{job}", status, methods=["GET", "POST"]),
-        Route("/v2/{name}/stream/{job}", stream, methods=["GET", "POST"]),
-        Route("/v2/{name}/cancel/{job}", cancel, methods=["POST"]),
-        Route("/v2/{name}/health", health, methods=["GET"]),
-        Route("/v2/{name}/purge-queue", purge, methods=["POST"]),
-        Route("/v1/endpoints", list_endpoints),
-        Route("/v1/endpoints/{name}", get_endpoint, methods=["GET"]),
-        Route("/v1/endpoints/{name}", put_endpoint, methods=["PUT"]),
-        Route("/v1/endpoints/{name}", delete_endpoint, methods=["DELETE"]),
-        Route("/v1/endpoints/{name}/scale", scale, methods=["POST"]),
-        Route("/v1/endpoints/{name}/warm", warm, methods=["POST"]),
-        Route("/v1/budget", get_budget, methods=["GET"]),
-        Route("/v1/budget", put_budget, methods=["PUT"]),
-        Route("/v1/endpoints/{name}/stop", stop, methods=["POST"]),
-        Route("/v1/endpoints/{name}/logs", logs),
-        Route("/v1/jobs", list_jobs),
-        Route("/v1/billing", billing),
-        Route("/v1/events", events),
-    ]
+    schema_body = render_json(openapi.schema(__version__))
+
+    async def openapi_json(request: Request) -> Response:
+        return Response(schema_body, media_type="application/json")
+
+    # One description of the routes (server/openapi.py) makes both the routing table and
+    # the schema served at /openapi.json.
+    handlers = {
+        "ping": ping, "openapi": openapi_json, "get_info": get_info, "run": run,
+        "runsync": runsync, "status": status, "stream": stream, "cancel": cancel,
+        "health": health, "purge": purge, "list_endpoints": list_endpoints,
+        "get_endpoint": get_endpoint, "put_endpoint": put_endpoint,
+        "delete_endpoint": delete_endpoint, "scale": scale, "warm": warm,
+        "get_budget": get_budget, "put_budget": put_budget, "stop": stop, "logs": logs,
+        "list_jobs": list_jobs, "billing": billing, "events": events,
+    }  # fmt: skip
+    routes = openapi.starlette_routes(handlers)
     app = Starlette(routes=routes, exception_handlers={404: not_found, 405: bad_method})
     return BearerAuth(app, token)

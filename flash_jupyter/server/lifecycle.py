@@ -83,6 +83,7 @@ class Lifecycle:
         w.spare = None
         w.phase = "environment" if cfg.dependencies or cfg.system_dependencies else "process"
         w.phase_since = w.start_signal
+        cp.ledger.open(ep, w)  # durable from the start: a crash of ours cannot lose it
         cp._publish_worker(w)
         cp.progress.endpoint_moved(ep)
         cred = credentials.worker_credential(cp.token, w.id, w.incarnation)
@@ -110,17 +111,20 @@ class Lifecycle:
             if w.state != m.THROTTLED:
                 w.state, w.reason = m.THROTTLED, spec.waiting or "waiting for resources"
                 w.start_signal, w.phase, w.phase_ms = None, None, {}
+                cp.ledger.void(w, w.reason)
                 cp._publish_worker(w)
                 cp.progress.endpoint_moved(ep)
             return
         if w.state == m.THROTTLED:  # granted: the start, and its bill, begin now
             w.state, w.reason = m.INITIALIZING, ""
             w.start_signal = w.phase_since = cp.wall()
+            cp.ledger.open(ep, w)
         alloc = spec.allocation
         refined = (w.hardware, w.emulated) != (alloc.hardware, alloc.emulated)
         if refined:
             w.hardware, w.emulated = alloc.hardware, alloc.emulated
             w.price = cp.ledger.price(ep.config, alloc)
+            cp.ledger.refine(w)
         if phase != w.phase:
             self.set_phase(ep, w, phase)
         elif refined:
@@ -189,6 +193,7 @@ class Lifecycle:
         w.last_active = cp.clock()
         if w.state == m.INITIALIZING:
             w.state = m.OUTDATED if w.env_hash != ep.config.env_hash else m.RUNNING
+        cp.ledger.state(w, w.state, w.ready_at)  # the bill's history: its process is up
         # Publishes the worker. Jobs waiting are dispatched next (their "code" phase starts).
         self.set_phase(ep, w, None, queued=False)
         if w.stopping:
@@ -325,7 +330,7 @@ class Lifecycle:
             for other in cp.endpoints.values():
                 if any(x.state == m.THROTTLED for x in other.workers.values()):
                     cp.kick(other.name)
-        cp.ledger.close(ep, w, stopped)
+        cp.ledger.close(ep, w, stopped, reason)
         if w.remote_state:
             lost = sorted(s for s, v in w.remote_state.items() if v)
             if lost:

@@ -104,6 +104,7 @@ class Worker:
     jobs: set[str] = field(default_factory=set)
     fns: set[str] = field(default_factory=set)  # function hashes this process holds
     start_signal: float | None = None  # wall time the start was asked for (billing)
+    bill: str | None = None  # its open ledger row (billing.Ledger.open), while billed
     ready_at: float | None = None
     last_active: float = field(default_factory=time.monotonic)  # the control plane's clock
     jobs_run: int = 0

@@ -452,6 +452,12 @@ def _check_submit(meta: dict[str, Any]) -> None:
         raise ValueError("endpoint and function hash are strings")
     if not isinstance(meta.get("c", ""), str) or not isinstance(meta.get("fnc", ""), str):
         raise ValueError("codecs are strings")
+    stamp = meta.get("stamp")
+    if stamp is not None and not (
+        isinstance(stamp, dict) and all(isinstance(v, str) for v in stamp.values())
+    ):
+        # The worker reads it before anything else (wire.check_stamp); found by fuzzing.
+        raise ValueError('the version stamp is {"py": str, "ser": str} (wire.stamp())')
     paths = meta.get("paths")
     if paths and not (isinstance(paths, (list, tuple)) and all(isinstance(p, str) for p in paths)):
         raise ValueError("paths is a list of strings")
