@@ -2,11 +2,16 @@
 
 Reuses the peer harness (../shared/peers: the same workload for every engine, engines
 interleaved, cold starts repeated, idle memory sampled) and adds flash-jupyter as one more
-engine (bench_flash.py). Prints one table with the physical limits and the issue's targets.
+engine (bench_flash.py). Prints one table with the physical limits and the issue's targets,
+then two notebook figures from the same run: a `%%flash` cell that does nothing beside a plain
+cell and ipyparallel's `%%px` (bench_magic.py, in the peers' venv, which has ipyparallel), and
+the time from a selected `%%flash` cell to its result with the JupyterLab prewarm on and off
+(bench_prewarm.py).
 
     ./dev bench                       # everything, 2 repetitions (about 15 minutes)
     ./dev bench --engines flash,ray --reps 1
     ./dev bench --summary-only        # re-print the latest results
+    ./dev bench --no-notebook         # the engines' table only
 
 Run by hand on a quiet machine; nothing here runs in CI.
 """
@@ -21,6 +26,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,6 +56,13 @@ def prepare(peers: str, scratch: Path, install: bool) -> Path:
     if not (venv / "bin" / "python").exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         install = True
+    if not install:  # the scratch folder is shared: its flash-jupyter must be this checkout's
+        where = subprocess.run(
+            [str(venv / "bin" / "python"), "-c",
+             "import flash_jupyter, os; print(os.path.dirname(flash_jupyter.__file__))"],
+            capture_output=True, text=True,
+        ).stdout.strip()  # fmt: skip
+        install = Path(where or "/nonexistent").resolve() != (REPO / "flash_jupyter").resolve()
     if install:
         pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
         subprocess.run([*pip, "--upgrade", "pip"], check=True)
@@ -60,6 +73,55 @@ def prepare(peers: str, scratch: Path, install: bool) -> Path:
 def run(work: Path, engines: list[str], reps: int) -> None:
     code = f"import run_all\nrun_all.ENGINES = {engines!r}\nrun_all.REPS = {reps}\nrun_all.main()\n"
     subprocess.run([str(work / "venv" / "bin" / "python"), "-c", code], cwd=work, check=True)
+
+
+def notebook_figures(work: Path) -> None:
+    """The `%%flash` cell overhead beside `%%px`, and prewarm on/off: their RESULT lines are
+    kept beside the engines' results (``results/magic_*.json``, ``results/prewarm_*.json``)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    runs = {
+        "magic": [str(work / "venv" / "bin" / "python"), str(REPO / "bench" / "bench_magic.py"),
+                  "--json"],
+        "prewarm": [sys.executable, str(REPO / "bench" / "bench_prewarm.py"), "--json"],
+    }  # fmt: skip
+    for kind, argv in runs.items():
+        print(f"\n== {kind}: {' '.join(argv[1:])}", flush=True)
+        r = subprocess.run(argv, capture_output=True, text=True)
+        sys.stderr.write(r.stderr[-2000:])
+        line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if r.returncode or line is None:
+            print(f"{kind} failed (exit {r.returncode}):\n{r.stdout[-2000:]}")
+            continue
+        (work / "results" / f"{kind}_{stamp}.json").write_text(line[len("RESULT ") :])
+
+
+def _latest(work: Path, kind: str) -> dict | None:
+    files = sorted(glob.glob(str(work / "results" / f"{kind}_*.json")))
+    return json.loads(Path(files[-1]).read_text()) if files else None
+
+
+def summarize_notebook(work: Path) -> None:
+    magic = _latest(work, "magic")
+    if magic:
+        print("\nA cell that does nothing, through a real ipykernel (bench_magic.py):\n")
+        print("| cell | p50 ms | p99 ms | p50 over a plain cell ms |")
+        print("|---|---|---|---|")
+        label = {"plain": "plain `pass`", "flash": "`%%flash` (warm worker)",
+                 "px": "`%%px` (ipyparallel, 2 engines)"}  # fmt: skip
+        for v, r in magic["variants"].items():
+            over = r.get("over_plain_p50_ms")
+            print(f"| {label.get(v, v)} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+                  f"{'-' if over is None else f'{over:.2f}'} |")  # fmt: skip
+    pre = _latest(work, "prewarm")
+    if pre:
+        print("\nFrom Shift-Enter to the result of a new endpoint's `%%flash` cell, selected 1 s "
+              "before (bench_prewarm.py, medians):\n")  # fmt: skip
+        print("| scenario | prewarm off ms | prewarm on ms |")
+        print("|---|---|---|")
+        for sc in ("plain", "dependencies"):
+            off, on = pre.get(f"{sc}_off_wait_ms"), pre.get(f"{sc}_on_wait_ms")
+            if off is not None and on is not None:
+                print(f"| {sc} | {off:,.0f} | {on:,.0f} |")
 
 
 def _med(xs: list[float]) -> float | None:
@@ -149,6 +211,8 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--install", action="store_true", help="reinstall the peers' venv")
     p.add_argument("--summary-only", action="store_true")
+    p.add_argument("--no-notebook", action="store_true",
+                   help="skip the %%%%flash/%%%%px cell and prewarm figures")  # fmt: skip
     a = p.parse_args()
     work = a.scratch / "perf_peers"
     if not a.summary_only:
@@ -156,7 +220,11 @@ def main() -> None:
             sys.exit(f"peer harness not found at {a.peers} (set --peers or PERF_PEERS)")
         work = prepare(a.peers, a.scratch, a.install)
         run(work, [e for e in a.engines.split(",") if e], a.reps)
+        if not a.no_notebook:
+            notebook_figures(work)
     summarize(work)
+    if not a.no_notebook:
+        summarize_notebook(work)
 
 
 if __name__ == "__main__":
