@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -51,7 +50,7 @@ from soak_kills import (
     TERMINAL,
     ControlPlane,
     audit_check,
-    format_table,
+    run_checks,
     wait_until,
 )
 
@@ -274,17 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"crash_restart: {a.jobs} jobs of {a.job_time} s (half Python, half HTTP /run), "
           f"SIGKILL of the control plane once all are accepted; data in {work}",
           flush=True)  # fmt: skip
-    try:
-        rows, ok = crash(a, work)
-    except Exception as e:
-        rows, ok = [["run", FAIL, f"{type(e).__name__}: {e}"[:300]]], False
-    print()
-    print(format_table(rows, ["check", "result", "detail"]))
-    if ok and not a.keep:
-        shutil.rmtree(work, ignore_errors=True)
-    elif not ok:
-        print(f"data and logs kept in {work}")
-    return 0 if ok else 1
+    return run_checks(lambda: crash(a, work), work, a.keep)
 
 
 if __name__ == "__main__":

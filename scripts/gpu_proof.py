@@ -30,7 +30,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,10 @@ from typing import Any
 NO_GPU = "no NVIDIA GPU here (nvidia-smi not found or lists none): this proof needs one"
 CHECKS = ("placement", "visible devices", "matmul", "gpu memory", "strict mode")
 PROVIDERS = ("local", "ray")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from script_kit import format_table as _format_table  # noqa: E402
+from script_kit import free_port, wait_until  # noqa: E402
+
 HEAD = ["check", "local provider", "ray provider", "detail"]
 PASS, FAIL, SKIP = "pass", "FAIL", "skipped"
 DETAIL_WIDTH = 110  # the table's last column; each check's full detail is printed as it ends
@@ -98,18 +101,7 @@ class Results:
 
 
 def format_table(rows: list[list[str]], head: list[str] = HEAD) -> str:
-    """A Markdown table with aligned columns (pasteable into a note as it is)."""
-    cells = [[str(c).replace("|", "/").replace("\n", " ") for c in r] for r in [head, *rows]]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(head))]
-
-    def line(r: list[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |"
-
-    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])
-
-
-# ---------------------------------------------------------------- the host
+    return _format_table(rows, head)
 
 
 def host_gpus() -> list[tuple[int, str, Any]]:
@@ -147,23 +139,6 @@ def ray_missing() -> str | None:
     if importlib.util.find_spec("flash_jupyter.providers.ray_provider") is None:
         return "the Ray provider (flash_jupyter/providers/ray_provider.py) is not there yet"
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(pred: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no {what} within {timeout:.0f} s")
-        time.sleep(0.1)
 
 
 def stop_group(proc: subprocess.Popen, grace: float = 10) -> None:

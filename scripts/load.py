@@ -36,7 +36,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,6 +44,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from script_kit import format_table as _format_table
+from script_kit import free_port, wait_until
+
 HEAD = ["measure", "value", "bound", "result"]
 PASS, FAIL, INFO = "pass", "FAIL", ""
 BIG = 2 << 20  # bytes of the buffer every --big-every-th Python job carries (spool: >= 1 MiB)
@@ -52,32 +55,7 @@ MiB = 1 << 20
 
 
 def format_table(rows: list[list[str]], head: list[str] = HEAD) -> str:
-    """A Markdown table with aligned columns (pasteable into a note as it is)."""
-    cells = [[str(c).replace("|", "/").replace("\n", " ") for c in r] for r in [head, *rows]]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(head))]
-
-    def line(r: list[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |"
-
-    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(pred: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
+    return _format_table(rows, head)
 
 
 def percentile(xs: list[float], q: float) -> float:

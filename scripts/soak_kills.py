@@ -37,43 +37,26 @@ import json
 import os
 import random
 import secrets
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from script_kit import free_port, run_checks, wait_until
 
 PASS, FAIL = "pass", "FAIL"
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
 
 
 # ---------------------------------------------------------------- shared with crash_restart.py
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(pred: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.05)
 
 
 class ControlPlane:
@@ -193,18 +176,6 @@ class EventCounter:
 
     def stop(self) -> None:
         self._stop.set()
-
-
-def format_table(rows: list[list[str]], head: list[str]) -> str:
-    """A Markdown table with aligned columns (pasteable into a note as it is)."""
-    cells = [[str(c).replace("|", "/").replace("\n", " ") for c in r] for r in [head, *rows]]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(head))]
-
-    def line(r: list[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |"
-
-    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])
 
 
 def audit_check(cp: ControlPlane) -> tuple[bool, str, dict[str, Any]]:
@@ -390,17 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="soak-kills-", dir=a.work_dir))
     print(f"soak_kills: {a.jobs} jobs of {a.job_time} s on workers=(0, {a.workers}), a SIGKILL "
           f"every {a.every} s; data in {work}", flush=True)  # fmt: skip
-    try:
-        rows, ok = soak(a, work)
-    except Exception as e:
-        rows, ok = [["run", FAIL, f"{type(e).__name__}: {e}"[:300]]], False
-    print()
-    print(format_table(rows, ["check", "result", "detail"]))
-    if ok and not a.keep:
-        shutil.rmtree(work, ignore_errors=True)
-    elif not ok:
-        print(f"data and logs kept in {work}")
-    return 0 if ok else 1
+    return run_checks(lambda: soak(a, work), work, a.keep)
 
 
 if __name__ == "__main__":
