@@ -256,7 +256,7 @@ class _Scope:
         if isinstance(node, ast.Name):
             return node.id in self.endpoint_names
         if isinstance(node, ast.Attribute) and node.attr == "Endpoint":
-            dotted = _dotted(node.value)
+            dotted = dotted_name(node.value)
             return dotted is not None and (
                 dotted in self.module_names
                 or (dotted in _ENDPOINT_MODULES and _FJ in self.module_names)
@@ -272,11 +272,12 @@ class _Scope:
         return None
 
 
-def _dotted(node: ast.AST) -> str | None:
+def dotted_name(node: ast.AST) -> str | None:
+    """``a.b.c`` for a name or an attribute chain of names; None for anything else."""
     if isinstance(node, ast.Name):
         return node.id
     if isinstance(node, ast.Attribute):
-        base = _dotted(node.value)
+        base = dotted_name(node.value)
         return None if base is None else f"{base}.{node.attr}"
     return None
 
@@ -331,7 +332,7 @@ def _methods(cls: ast.ClassDef, text: str) -> tuple[dict[str, list[Param]], list
     for node in cls.body:
         if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             continue
-        decos = {_dotted(d) for d in node.decorator_list}
+        decos = {dotted_name(d) for d in node.decorator_list}
         static = "staticmethod" in decos
         params = _params(node, text, drop_first=not static)
         if node.name == "__init__":
@@ -518,7 +519,7 @@ class _Reader:
                 call = scope.endpoint_call(value.func)
                 if call is not None and len(value.args) == 1 and not value.keywords:
                     target = value.args[0]
-                    tname = target.id if isinstance(target, ast.Name) else _dotted(target)
+                    tname = target.id if isinstance(target, ast.Name) else dotted_name(target)
                     tnode = scope.defs.get(tname or "")
                     if tnode is None:
                         self.d.problems.append(

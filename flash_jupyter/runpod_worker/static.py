@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..app.discover import dotted_name
+
 START = "runpod.serverless.start"
 REQUIREMENTS = "requirements.txt"
 
@@ -132,17 +134,8 @@ def _aliases(tree: ast.Module) -> dict[str, str]:
     return out
 
 
-def _dotted(node: ast.AST) -> str | None:
-    if isinstance(node, ast.Name):
-        return node.id
-    if isinstance(node, ast.Attribute):
-        base = _dotted(node.value)
-        return None if base is None else f"{base}.{node.attr}"
-    return None
-
-
 def _resolve(node: ast.AST, aliases: dict[str, str]) -> str | None:
-    dotted = _dotted(node)
+    dotted = dotted_name(node)
     if dotted is None:
         return None
     head, _, rest = dotted.partition(".")
